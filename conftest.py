@@ -1,0 +1,1 @@
+"""Top-level pytest configuration: the repository root is importable (stress/, benchmarks/)."""

@@ -1,0 +1,169 @@
+"""The one instrumentation point, and the breakpoint facility built on it.
+
+Every primitive operation of the model (lock acquire / contended / acquired / release, RCU read
+sections and grace periods, work items, and the named race windows of the mm code) calls
+``kernel.event(point, obj)``. With no instrument installed the call sites test one attribute
+(``kernel._dispatch is None``) and go on, so the default costs close to nothing. Installed
+instruments see every event, in the thread that makes it, and may block it there: that is how
+race-window perturbation (sleep or yield at a window), test breakpoints (pause a thread at a
+named point until the test releases it) and, later, a controlled scheduler plug in.
+
+Modelled on trio's ``Instrument`` (documented no-op hooks; an instrument that raises is removed
+and logged), with one hook instead of many because the model's events are uniform.
+
+Event points and their ``obj``:
+
+=================  =====================================================
+``lock_acquire``   a lock (or lockdep map) about to be taken
+``lock_contended`` the lock was busy; the task is about to block
+``lock_acquired``  the lock is now held
+``lock_release``   the lock is about to be released
+``window``         a named race window (``obj`` is the window's name)
+=================  =====================================================
+
+Later layers add points (``rcu_*``, ``work_*``, ``cpu_*``); each is listed in the module that
+emits it. The *label* of an event is the lock's class name or the window's name.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+if TYPE_CHECKING:
+    from kmemcg.core.task import Task
+
+
+class Instrument:
+    """Base class for instruments. Override :meth:`on_event`; the default does nothing.
+
+    ``on_event`` runs in the thread that reached the point, with whatever model locks that
+    thread holds; it may sleep or block (that is the point) but must not take model locks.
+    """
+
+    def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:  # noqa: B027
+        pass
+
+
+def label_of(obj: Any) -> str:
+    if isinstance(obj, str):
+        return obj
+    return getattr(obj, "name", None) or type(obj).__name__
+
+
+class Dispatcher:
+    """Fans one event out to the installed instruments; removes one that raises."""
+
+    def __init__(self, instruments: list[Instrument]) -> None:
+        self.instruments = list(instruments)
+
+    def __call__(self, point: str, task: Task, obj: Any) -> None:
+        label = label_of(obj)
+        for inst in self.instruments:
+            try:
+                inst.on_event(point, label, task, obj)
+            except Exception:  # an instrument bug must not become a model bug
+                logger.exception("instrument {!r} raised; removing it", inst)
+                try:
+                    self.instruments.remove(inst)
+                except ValueError:
+                    pass
+
+
+class Breakpoint:
+    """One armed breakpoint: pauses the first ``count`` tasks that reach ``point:label``.
+
+    The test waits for a hit with :meth:`wait`, does what it wants while the task is parked,
+    then lets it go with :meth:`release`. A parked task stays parked at most ``max_pause``
+    seconds (then it resumes by itself) so that a test that forgets to release cannot hang.
+    """
+
+    def __init__(self, owner: Breakpoints, key: str, thread: str | None, count: int,
+                 max_pause: float) -> None:
+        self._owner = owner
+        self.key = key
+        self.thread = thread
+        self.remaining = count
+        self.max_pause = max_pause
+        self._hit = threading.Event()
+        self._go = threading.Event()
+        self.task: Task | None = None
+        self.obj: Any = None
+
+    def _matches(self, task: Task) -> bool:
+        return self.remaining > 0 and (self.thread is None or task.comm == self.thread)
+
+    def _park(self, task: Task, obj: Any, is_dead: Callable[[], bool]) -> None:
+        self.task, self.obj = task, obj
+        task.parked_at = self.key
+        self._hit.set()
+        deadline = time.monotonic() + self.max_pause
+        try:
+            while not self._go.wait(0.02):
+                if is_dead() or time.monotonic() > deadline:
+                    break
+        finally:
+            task.parked_at = None
+        task.kernel.check_alive()
+
+    def wait(self, timeout: float = 10.0) -> Task:
+        """Block until a task is parked here; return it. Raises TimeoutError otherwise."""
+        if not self._hit.wait(timeout):
+            raise TimeoutError(f"no task reached breakpoint {self.key!r} within {timeout}s")
+        assert self.task is not None
+        return self.task
+
+    @property
+    def hit(self) -> bool:
+        return self._hit.is_set()
+
+    def release(self) -> None:
+        """Let the parked task (and any later one) go on; disarm."""
+        self._owner.remove(self)
+        self._go.set()
+
+
+class Breakpoints(Instrument):
+    """Pause tasks at named points to force an exact interleaving in a test.
+
+    ``k.breakpoints.add("window:memcg_kmem_get_cache:after_lookup")`` or
+    ``k.breakpoints.add("lock_acquire:slab_mutex", thread="destroyer")``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: dict[str, list[Breakpoint]] = {}
+
+    def add(self, key: str, thread: str | None = None, count: int = 1,
+            max_pause: float = 30.0) -> Breakpoint:
+        if ":" not in key:
+            raise ValueError(f"breakpoint key must be 'point:label', got {key!r}")
+        bp = Breakpoint(self, key, thread, count, max_pause)
+        with self._lock:
+            self._armed.setdefault(key, []).append(bp)
+        return bp
+
+    def remove(self, bp: Breakpoint) -> None:
+        with self._lock:
+            lst = self._armed.get(bp.key, [])
+            if bp in lst:
+                lst.remove(bp)
+            if not lst:
+                self._armed.pop(bp.key, None)
+
+    def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
+        if not self._armed:
+            return
+        key = f"{point}:{label}"
+        with self._lock:
+            for bp in self._armed.get(key, ()):
+                if bp._matches(task):
+                    bp.remaining -= 1
+                    break
+            else:
+                return
+        bp._park(task, obj, task.kernel.is_dead)

@@ -1,0 +1,2 @@
+"""Locking primitives and their checkers: mutex, rwsem, lockdep and lock_stat
+(kernel/locking/)."""

@@ -1,0 +1,191 @@
+"""struct mutex (kernel/locking/mutex.c with CONFIG_DEBUG_MUTEXES, PROVE_LOCKING, LOCK_STAT).
+
+A real ``threading.Lock`` underneath: a contended acquire really blocks (through the wait
+tracker, so the hung-task watchdog sees it and teardown can unwind it). Lockdep runs *before*
+the task blocks, as ``mutex_acquire_nest()`` does, so an inversion that deadlocks is reported
+before the hang.
+
+Memory ordering: ``_owner`` is written only by the task that holds ``_raw`` (set after acquiring,
+cleared before releasing), so the ``threading.Lock`` acquire/release pair orders it; readers on
+other threads (wait-for chains, reports) take it as a hint, never as proof of ownership.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from kmemcg.core.report import H_LOCK, H_SITE, TRYLOCK
+from kmemcg.core.stacks import frame_site
+from kmemcg.locking import lock_stat
+from kmemcg.locking.lock_stat import LockStat
+from kmemcg.locking.lockdep import LockdepMap
+
+if TYPE_CHECKING:
+    from kmemcg.core.task import Task
+    from kmemcg.kernel import Kernel
+
+_getframe = sys._getframe
+_now = time.perf_counter_ns
+
+
+def site_of(task: Task, lock: object) -> object:
+    """Where ``task`` took (or is taking) ``lock``; racy read of another task's stack."""
+    try:
+        for e in reversed(list(task.held)):
+            if e[H_LOCK] is lock:
+                return e[H_SITE]
+    except Exception:  # the list changed under us: it is only a statistic
+        pass
+    return None
+
+
+class Mutex(LockdepMap):
+    """``k.mutex("slab_mutex")``. The name is the lockdep class."""
+
+    __slots__ = ("_raw", "_owner", "_stat", "_t_acq")
+    kind = "mutex"
+
+    def __init__(self, kernel: Kernel, name: str) -> None:
+        super().__init__(kernel, name, "{+.+.}-{4:4}")
+        self._raw = kernel.raw_lock()
+        self._owner: Task | None = None
+        self._stat = LockStat()
+        self._t_acq = 0
+        lock_stat.register(self._cls0, self._stat)
+
+    def __del__(self) -> None:
+        try:
+            lock_stat.retire(self._cls0, self._stat)
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<Mutex {self.name} owner={self._owner}>"
+
+    # -- mutex_lock / mutex_lock_nested ---------------------------------------------------
+    def lock(self, subclass: int = 0) -> None:
+        """mutex_lock(); ``subclass`` > 0 is mutex_lock_nested() (e.g. SINGLE_DEPTH_NESTING)."""
+        k = self._k
+        try:
+            task = k._tls.task
+        except AttributeError:
+            task = k.current()
+        if task.rcu_nesting:  # might_sleep() inside rcu_read_lock()
+            k.might_sleep_in_rcu(task, self)
+        d = k._dispatch
+        if d is not None:
+            d("lock_acquire", task, self)
+        ld = k._ld
+        if ld is not None:
+            f = _getframe(1)
+            ld.acquire(task, self, self.lock_class(subclass) if subclass else self._cls0, 0,
+                       (f.f_code, f.f_lineno))
+        if not self._raw.acquire(False):
+            self._lock_slowpath(task)
+        self._owner = task
+        if k.lock_stat:
+            st = self._stat
+            st.acquisitions += 1
+            if task.cpu != st.last_cpu:
+                if st.last_cpu >= 0:
+                    st.acq_bounces += 1
+                st.last_cpu = task.cpu
+            self._t_acq = _now()
+        if d is not None:
+            d("lock_acquired", task, self)
+
+    __enter__ = lock
+
+    def _lock_slowpath(self, task: Task) -> None:
+        k = self._k
+        d = k._dispatch
+        if d is not None:
+            d("lock_contended", task, self)
+        holder = self._owner
+        t0 = _now()
+        try:
+            raw = self._raw
+            k.waits.wait(task, self, lambda t: raw.acquire(True, t))
+        except BaseException:
+            if k._ld is not None:
+                k._ld.drop(task, self)
+            raise
+        if k.lock_stat:
+            # Written while holding the lock: exact without another lock.
+            self._stat.wait(_now() - t0, task.cpu, site_of(task, self),
+                            site_of(holder, self) if holder is not None else None)
+
+    def trylock(self) -> bool:
+        """mutex_trylock(): True if taken. Lockdep records it but adds no edge *to* it."""
+        k = self._k
+        task = k.current()
+        if not self._raw.acquire(False):
+            return False
+        d = k._dispatch
+        if d is not None:
+            d("lock_acquire", task, self)
+        if k._ld is not None:
+            k._ld.acquire(task, self, self._cls0, TRYLOCK, frame_site(2))
+        self._owner = task
+        if k.lock_stat:
+            self._stat.acquisitions += 1
+            self._t_acq = _now()
+        if d is not None:
+            d("lock_acquired", task, self)
+        return True
+
+    # -- mutex_unlock -----------------------------------------------------------------------
+    def unlock(self, *_exc: object) -> None:
+        """mutex_unlock(). Unlocking a mutex the task does not hold is a bad-unlock finding and
+        leaves the mutex as it is (the kernel would corrupt it)."""
+        k = self._k
+        try:
+            task = k._tls.task
+        except AttributeError:
+            task = k.current()
+        if self._owner is not task:
+            k.lockdep.report_bad_unlock(task, self, frame_site(2))
+            return
+        d = k._dispatch
+        if d is not None:
+            d("lock_release", task, self)
+        if k._ld is not None:
+            held = task.held
+            if held and held[-1][0] is self:  # lock_release() fast path, inlined
+                task.chain_key = held.pop()[2]
+            else:
+                k._ld.release(task, self)
+        if k.lock_stat:
+            self._stat.hold(_now() - self._t_acq)
+        self._owner = None
+        self._raw.release()
+
+    __exit__ = unlock
+
+    # -- state ------------------------------------------------------------------------------
+    def is_held(self) -> bool:
+        """mutex_is_locked() by the calling task (lockdep_is_held)."""
+        return self._owner is not None and self._owner is self._k.current()
+
+    def is_locked(self) -> bool:
+        return self._raw.locked()
+
+    @property
+    def owner(self) -> Task | None:
+        return self._owner
+
+    def waiter_owners(self) -> list[Task]:
+        o = self._owner
+        return [o] if o is not None else []
+
+    def init(self) -> None:
+        """mutex_init() again: re-initializing a held mutex is a held-lock-freed finding."""
+        o = self._owner
+        self._k.lockdep.check_no_locks_freed(self, [o] if o else [], "re-initializing")
+
+    def destroy(self) -> None:
+        """mutex_destroy() / freeing the memory that holds the mutex."""
+        o = self._owner
+        self._k.lockdep.check_no_locks_freed(self, [o] if o else [], "freeing")
