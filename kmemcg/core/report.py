@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 H_LOCK, H_CLASS, H_PREV, H_FLAGS, H_SITE = range(5)
 TRYLOCK = 1
 READ = 2
+NOCHECK = 4  # lock_acquire(check=0): listed as held, no dependencies (rcu_read_lock)
 
 
 def banner(title: str, k: Kernel, rule: str = "=") -> str:

@@ -34,7 +34,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from kmemcg.core.findings import Finding
-from kmemcg.core.report import H_CLASS, H_FLAGS, H_LOCK, H_PREV, H_SITE, READ, TRYLOCK
+from kmemcg.core.report import H_CLASS, H_FLAGS, H_LOCK, H_PREV, H_SITE, NOCHECK, READ, TRYLOCK
 from kmemcg.core.stacks import Stack, frame_site
 from kmemcg.locking import lockdep_report as _rep
 
@@ -49,7 +49,8 @@ _P = 0x100000001B3  # FNV-1 64-bit prime: the chain-key mixing step (iterate_cha
 _M = (1 << 64) - 1
 _MISS = object()
 
-__all__ = ["Lockdep", "LockClass", "LockdepMap", "Edge", "MAX_LOCK_DEPTH", "READ", "TRYLOCK"]
+__all__ = ["Lockdep", "LockClass", "LockdepMap", "Edge", "MAX_LOCK_DEPTH", "NOCHECK", "READ",
+           "TRYLOCK"]
 
 
 class LockClass:
@@ -126,10 +127,11 @@ class LockdepMap:
         return cls
 
     # Pseudo-lock use: lock_map_acquire() / lock_map_release() in the kernel.
-    def acquire(self, subclass: int = 0, read: bool = False, trylock: bool = False) -> None:
+    def acquire(self, subclass: int = 0, read: bool = False, trylock: bool = False,
+                check: bool = True) -> None:
         ld = self._k._ld
         if ld is not None:
-            flags = (READ if read else 0) | (TRYLOCK if trylock else 0)
+            flags = (READ if read else 0) | (TRYLOCK if trylock else 0) | (0 if check else NOCHECK)
             ld.acquire(self._k.current(), self, self.lock_class(subclass), flags,
                        frame_site(2))
 
@@ -193,7 +195,9 @@ class Lockdep:
         key = (prev * _P + (cls.idx << 1 | (flags & TRYLOCK))) & _M
         held.append((lock, cls, prev, flags, site))
         task.chain_key = key
-        if flags & TRYLOCK:  # a trylock cannot deadlock: no dependency *to* it, no AA check
+        if flags & (TRYLOCK | NOCHECK):
+            # A trylock cannot deadlock: no dependency *to* it and no AA check. A check=0
+            # acquisition (rcu_read_lock) is only listed as held.
             return
         r = self._chains.get(key, _MISS)
         if r is not None:
@@ -251,6 +255,8 @@ class Lockdep:
                 found.append(_rep.recursive(self._k, task, aa, nxt))
             else:
                 for prev in reversed(held[:-1]):
+                    if prev[H_FLAGS] & NOCHECK:
+                        continue
                     self._check_prev_add(task, prev, nxt, found)
                     if not prev[H_FLAGS] & TRYLOCK:
                         break  # the first blocking lock already links to everything below
@@ -261,7 +267,7 @@ class Lockdep:
         """check_deadlock(): is this class already held? (rwsem reads are not recursive)"""
         cls = nxt[H_CLASS]
         for e in task.held[:-1]:
-            if e[H_CLASS] is cls:
+            if e[H_CLASS] is cls and not e[H_FLAGS] & NOCHECK:
                 return e
         return None
 
