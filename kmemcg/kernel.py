@@ -35,11 +35,15 @@ VERSION = "0.1.0"
 
 
 class Kernel:
-    """``Kernel(lockdep=True, lock_stat=True)``; use as a context manager or call
-    :meth:`shutdown` so that its threads end."""
+    """``Kernel(lockdep=True, lock_stat=False)``; use as a context manager or call
+    :meth:`shutdown` so that its threads end.
+
+    ``lock_stat`` (CONFIG_LOCK_STAT) adds acquisition counts and hold times to the fast path;
+    contentions and wait times are always recorded (they cost only on the contended path).
+    """
 
     def __init__(self, *, name: str | None = None, lockdep: bool = True,
-                 lock_stat: bool = True) -> None:
+                 lock_stat: bool = False) -> None:
         self.name = name or f"kernel@{id(self):x}"
         self.boot = time.monotonic()
         self.stacks = StackDepot()
@@ -66,7 +70,9 @@ class Kernel:
         try:
             return self._tls.task
         except AttributeError:
-            return self.tasks.register_current()
+            task = self.tasks.register_current()
+            task.chain_key = self.lockdep.root  # lockdep's chain-cache trie: empty chain
+            return task
 
     def uptime(self) -> float:
         return time.monotonic() - self.boot
@@ -160,13 +166,14 @@ class Kernel:
     def add_instrument(self, inst: Instrument) -> None:
         with self._instr_lock:
             self._instruments.append(inst)
-            self._dispatch = Dispatcher(self._instruments)
+            self._dispatch = Dispatcher(self._instruments, self.remove_instrument)
 
     def remove_instrument(self, inst: Instrument) -> None:
         with self._instr_lock:
             if inst in self._instruments:
                 self._instruments.remove(inst)
-            self._dispatch = Dispatcher(self._instruments) if self._instruments else None
+            self._dispatch = (Dispatcher(self._instruments, self.remove_instrument)
+                              if self._instruments else None)
 
     @property
     def breakpoints(self) -> Breakpoints:

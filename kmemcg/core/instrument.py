@@ -56,22 +56,36 @@ def label_of(obj: Any) -> str:
 
 
 class Dispatcher:
-    """Fans one event out to the installed instruments; removes one that raises."""
+    """Fans one event out to the installed instruments; removes one that raises.
 
-    def __init__(self, instruments: list[Instrument]) -> None:
-        self.instruments = list(instruments)
+    Immutable once built (the kernel builds a new one whenever its instrument list changes), so
+    threads dispatching concurrently never see a list change under their loop. A raising
+    instrument is dropped from this dispatcher at once (the rest of the event still reaches the
+    others) and ``on_error(inst)`` removes it from the kernel, so a later rebuild does not bring
+    it back.
+    """
+
+    def __init__(self, instruments: list[Instrument],
+                 on_error: Callable[[Instrument], None] | None = None) -> None:
+        self.instruments: tuple[Instrument, ...] = tuple(instruments)
+        self._on_error = on_error
 
     def __call__(self, point: str, task: Task, obj: Any) -> None:
         label = label_of(obj)
-        for inst in self.instruments:
+        for inst in self.instruments:  # a tuple: rebinding below does not disturb this loop
             try:
                 inst.on_event(point, label, task, obj)
             except Exception:  # an instrument bug must not become a model bug
-                logger.exception("instrument {!r} raised; removing it", inst)
-                try:
-                    self.instruments.remove(inst)
-                except ValueError:
-                    pass
+                self._drop(inst)
+
+    def _drop(self, inst: Instrument) -> None:
+        if inst not in self.instruments:
+            return  # another thread dropped it meanwhile
+        logger.exception("instrument {!r} raised; removing it", inst)
+        # Rebinding a tuple attribute: a racing dispatcher sees the old or the new tuple.
+        self.instruments = tuple(i for i in self.instruments if i is not inst)
+        if self._on_error is not None:
+            self._on_error(inst)
 
 
 class Breakpoint:
@@ -89,18 +103,21 @@ class Breakpoint:
         self.thread = thread
         self.remaining = count
         self.max_pause = max_pause
-        self._hit = threading.Event()
+        self._hits = threading.Condition(threading.Lock())  # guards ``tasks``
         self._go = threading.Event()
-        self.task: Task | None = None
+        self.task: Task | None = None  # the latest task parked here
         self.obj: Any = None
+        self.tasks: list[Task] = []  # every task that parked here, in arrival order
 
     def _matches(self, task: Task) -> bool:
         return self.remaining > 0 and (self.thread is None or task.comm == self.thread)
 
     def _park(self, task: Task, obj: Any, is_dead: Callable[[], bool]) -> None:
-        self.task, self.obj = task, obj
-        task.parked_at = self.key
-        self._hit.set()
+        task.parked_at = self.key  # before the hit is signalled: a woken test sees it
+        with self._hits:
+            self.task, self.obj = task, obj
+            self.tasks.append(task)
+            self._hits.notify_all()
         deadline = time.monotonic() + self.max_pause
         try:
             while not self._go.wait(0.02):
@@ -110,16 +127,19 @@ class Breakpoint:
             task.parked_at = None
         task.kernel.check_alive()
 
-    def wait(self, timeout: float = 10.0) -> Task:
-        """Block until a task is parked here; return it. Raises TimeoutError otherwise."""
-        if not self._hit.wait(timeout):
-            raise TimeoutError(f"no task reached breakpoint {self.key!r} within {timeout}s")
-        assert self.task is not None
-        return self.task
+    def wait(self, timeout: float = 10.0, hits: int = 1) -> Task:
+        """Block until ``hits`` tasks have reached this breakpoint (with ``count`` >= hits);
+        return the one that came ``hits``-th. Raises TimeoutError otherwise."""
+        with self._hits:
+            if not self._hits.wait_for(lambda: len(self.tasks) >= hits, timeout):
+                raise TimeoutError(f"{len(self.tasks)} of {hits} task(s) reached breakpoint "
+                                   f"{self.key!r} within {timeout}s")
+            return self.tasks[hits - 1]
 
     @property
     def hit(self) -> bool:
-        return self._hit.is_set()
+        with self._hits:
+            return bool(self.tasks)
 
     def release(self) -> None:
         """Let the parked task (and any later one) go on; disarm."""

@@ -7,6 +7,7 @@ them too.
 
 from __future__ import annotations
 
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from kmemcg.core.stacks import format_site
@@ -29,13 +30,23 @@ def banner(title: str, k: Kernel, rule: str = "=") -> str:
     return f"{rule * width}\n{title}\n{k.release_line()}\n{dash}\n"
 
 
+def site_key(site: Any) -> tuple[str, int, str] | None:
+    """A site as a plain (file, line, function) tuple (frames are not kept as keys)."""
+    if isinstance(site, FrameType):
+        co = site.f_code
+        return (co.co_filename, site.f_lineno, co.co_name)
+    return site
+
+
 def site_text(site: Any) -> str:
-    """An acquisition site: stored as (code, lineno) on the fast path, or a full frame."""
+    """An acquisition site: a (file, line, function) tuple, or the acquiring frame itself as
+    the fast path stores it (its *current* line then: still inside the function that holds
+    the lock, which is what a reader needs, if not the exact acquisition line)."""
     if site is None:
         return "?"
-    if len(site) == 2:
-        code, line = site
-        return format_site((code.co_filename, line, code.co_name))
+    if isinstance(site, FrameType):
+        co = site.f_code
+        return format_site((co.co_filename, site.f_lineno, co.co_name))
     return format_site(site)
 
 

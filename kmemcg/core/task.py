@@ -45,7 +45,7 @@ class Task:
         self.comm = comm
         self.thread_ident = ident
         self.held: list[tuple] = []  # lockdep held-lock stack (own thread only)
-        self.chain_key = 0  # lockdep chain key of ``held`` (own thread only)
+        self.chain_key: Any = None  # lockdep chain-trie node of ``held`` (own thread only)
         self.rcu_nesting = 0  # rcu_read_lock depth (own thread only)
         self.rcu_ctr = 0  # RCU grace-period snapshot; read by synchronize() (see kmemcg.rcu)
         self.cpu = 0  # simulated CPU this task runs on

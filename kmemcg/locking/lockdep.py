@@ -8,11 +8,14 @@ class), the bugs lockdep finds, even when the current run never deadlocks:
 * bad unlock balance, locks held at task exit, failed ``lockdep_assert_held``, a held lock
   re-initialized or freed, held-lock stacks deeper than MAX_LOCK_DEPTH.
 
-How it stays cheap, as in the kernel: each task keeps a stack of held locks and a *chain key*,
-a hash of the classes on that stack. A chain key seen before means that exact sequence was
-validated already, so an acquisition costs a push, a hash step and one dict lookup. Only a new
-chain takes ``graph_lock`` and walks the held stack (``check_prevs_add``); only a new edge runs the
-BFS cycle check and saves a stack trace.
+How it stays cheap, as in the kernel: each task keeps a stack of held locks and its position in
+the *chain cache*. A held-class sequence seen before was validated already, so an acquisition
+costs a push and one dict lookup. Only a new chain takes ``graph_lock`` and walks the held stack
+(``check_prevs_add``); only a new edge runs the BFS cycle check and saves a stack trace.
+
+The chain cache is a trie rather than the kernel's hash table of 64-bit chain keys: a task's
+"chain key" is the trie node of its held sequence, and acquiring class C moves to the child
+for C. Lookups are as cheap as a hash step and exact (no collisions can hide a new chain).
 
 Differences from the kernel:
 
@@ -23,7 +26,6 @@ Differences from the kernel:
   ``stress report diff`` show it; the kernel stops at the report.
 * rwsem reads are non-recursive reads (read=1) and, as in pre-5.x lockdep, take part in the
   dependency graph like writes; recursive reads (read=2, rwlock) are not modelled.
-* Chain keys are 64-bit hashes (as in the kernel); a collision could hide a new chain.
 * lock_stat hold times are per instance, merged per class (subclasses included).
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from kmemcg.core.findings import Finding
@@ -45,9 +48,7 @@ if TYPE_CHECKING:
 MAX_LOCK_DEPTH = 48  # include/linux/sched.h; deeper stacks are a finding, then tracked anyway
 MAX_LOCKDEP_SUBCLASSES = 8
 
-_P = 0x100000001B3  # FNV-1 64-bit prime: the chain-key mixing step (iterate_chain_key)
-_M = (1 << 64) - 1
-_MISS = object()
+_STEP_FLAGS = TRYLOCK | NOCHECK  # acquisitions validated differently get their own trie steps
 
 __all__ = ["Lockdep", "LockClass", "LockdepMap", "Edge", "MAX_LOCK_DEPTH", "NOCHECK", "READ",
            "TRYLOCK"]
@@ -56,11 +57,12 @@ __all__ = ["Lockdep", "LockClass", "LockdepMap", "Edge", "MAX_LOCK_DEPTH", "NOCH
 class LockClass:
     """A lockdep class: one (name, subclass). Never freed, as in the kernel."""
 
-    __slots__ = ("idx", "base", "subclass", "kind", "after", "before", "usage",
+    __slots__ = ("idx", "step", "base", "subclass", "kind", "after", "before", "usage",
                  "_stat_lock", "_retired", "_live")
 
     def __init__(self, idx: int, base: str, subclass: int, kind: str, usage: str) -> None:
         self.idx = idx
+        self.step = idx << 3  # chain-trie step; | TRYLOCK/NOCHECK bits (see Lockdep.acquire)
         self.base = base
         self.subclass = subclass
         self.kind = kind
@@ -158,14 +160,16 @@ class Lockdep:
         self._graph_lock = threading.Lock()  # raw lock: lockdep cannot track itself
         self._classes: dict[tuple[str, int], LockClass] = {}
         self.classes: list[LockClass] = []
-        # chain key -> None (validated, clean) or the findings that chain produces.
-        # Read lock-free on the fast path, written under graph_lock.
-        self._chains: dict[int, tuple[Finding, ...] | None] = {}
+        # The chain cache (a trie): node = {step: (child node, findings or None)}.
+        # Read lock-free on the fast path (dict.get is atomic, also on free-threaded builds),
+        # written under graph_lock; entries are never removed (but by reset()).
+        self.root: dict[int, tuple[dict, tuple[Finding, ...] | None]] = {}
+        self._nr_chains = 0
         self.nr_edges = 0
         self.max_depth = 0
         self.max_bfs_queue = 0
         self.chain_misses = 0
-        self.chain_classes: dict[int, tuple[str, ...]] = {}  # /proc/lockdep_chains (misses only)
+        self.chain_classes: list[tuple[str, ...]] = []  # /proc/lockdep_chains (misses only)
 
     # ------------------------------------------------------------------ classes
     def register_class(self, name: str, subclass: int, kind: str, usage: str) -> LockClass:
@@ -185,27 +189,27 @@ class Lockdep:
 
     # ------------------------------------------------------------------ acquire / release
     def acquire(self, task: Task, lock: Any, cls: LockClass, flags: int, site: Any) -> None:
-        """lock_acquire(): push on the held stack, extend the chain key, validate a new chain.
+        """lock_acquire(): push on the held stack, step down the chain trie, validate a new
+        chain. ``site`` is the acquiring frame (or a (file, line, func) tuple).
 
         Called *before* the task blocks on the real lock, as in the kernel, so an ABBA that
-        does deadlock is reported before it hangs.
+        does deadlock is reported before it hangs. Mutex.lock() inlines these lines.
         """
-        held = task.held
-        prev = task.chain_key
-        key = (prev * _P + (cls.idx << 1 | (flags & TRYLOCK))) & _M
-        held.append((lock, cls, prev, flags, site))
-        task.chain_key = key
-        if flags & (TRYLOCK | NOCHECK):
-            # A trylock cannot deadlock: no dependency *to* it and no AA check. A check=0
-            # acquisition (rcu_read_lock) is only listed as held.
-            return
-        r = self._chains.get(key, _MISS)
-        if r is not None:
-            if r is _MISS:
-                self._validate(task, key)
-            else:
-                for f in r:
-                    self._k.findings.recur(f)
+        node = task.chain_key
+        task.held.append((lock, cls, node, flags, site))
+        step = cls.step | (flags & _STEP_FLAGS)
+        r = node.get(step)
+        if r is None or r[1] is not None:
+            r = self.chain_slow(task, node, step, r)
+        task.chain_key = r[0]
+
+    def chain_slow(self, task: Task, node: dict, step: int, r: tuple | None) -> tuple:
+        """A chain-cache miss (validate) or a known chain that produced findings (count)."""
+        if r is None:
+            return self._validate(task, node, step)
+        for f in r[1]:
+            self._k.findings.recur(f)
+        return r
 
     def release(self, task: Task, lock: Any) -> bool:
         """lock_release(): pop ``lock``; out-of-order unlock re-acquires the locks above it.
@@ -232,35 +236,43 @@ class Lockdep:
         self.release(task, lock)
 
     # ------------------------------------------------------------------ validation
-    def _validate(self, task: Task, key: int) -> None:
-        """validate_chain() on a chain-cache miss: AA check, then check_prevs_add()."""
+    def _validate(self, task: Task, node: dict, step: int) -> tuple:
+        """validate_chain() on a chain-cache miss: AA check, then check_prevs_add().
+        Returns the new trie entry (child node, findings)."""
         held = task.held
         nxt = held[-1]
+        if isinstance(nxt[H_SITE], FrameType):  # the frame is at the acquisition line now
+            f = nxt[H_SITE]
+            nxt = held[-1] = nxt[:H_SITE] + ((f.f_code.co_filename, f.f_lineno,
+                                              f.f_code.co_name),)
         found: list[Finding] = []
         with self._graph_lock:
-            r = self._chains.get(key, _MISS)
-            if r is not _MISS:  # another task validated the same chain meanwhile
-                for f in r or ():
+            r = node.get(step)
+            if r is not None:  # another task validated the same chain meanwhile
+                for f in r[1] or ():
                     self._k.findings.recur(f)
-                return
+                return r
             self.chain_misses += 1
-            self.chain_classes[key] = tuple(e[H_CLASS].display for e in held)
+            self._nr_chains += 1
+            self.chain_classes.append(tuple(e[H_CLASS].display for e in held))
             depth = len(held)
             if depth > self.max_depth:
                 self.max_depth = depth
             if depth > MAX_LOCK_DEPTH:
                 found.append(_rep.max_depth(self._k, task))
-            aa = self._check_deadlock(task, nxt)
-            if aa is not None:
-                found.append(_rep.recursive(self._k, task, aa, nxt))
-            else:
-                for prev in reversed(held[:-1]):
-                    if prev[H_FLAGS] & NOCHECK:
-                        continue
-                    self._check_prev_add(task, prev, nxt, found)
-                    if not prev[H_FLAGS] & TRYLOCK:
-                        break  # the first blocking lock already links to everything below
-            self._chains[key] = tuple(found) or None
+            if not nxt[H_FLAGS] & _STEP_FLAGS:  # trylock and check=0: nothing to validate
+                aa = self._check_deadlock(task, nxt)
+                if aa is not None:
+                    found.append(_rep.recursive(self._k, task, aa, nxt))
+                else:
+                    for prev in reversed(held[:-1]):
+                        if prev[H_FLAGS] & NOCHECK:
+                            continue
+                        self._check_prev_add(task, prev, nxt, found)
+                        if not prev[H_FLAGS] & TRYLOCK:
+                            break  # the first blocking lock already links to all below
+            r = node[step] = ({}, tuple(found) or None)
+            return r
 
     @staticmethod
     def _check_deadlock(task: Task, nxt: tuple) -> tuple | None:
@@ -292,14 +304,15 @@ class Lockdep:
             found.append(f)
 
     def _bfs(self, src: LockClass, target: LockClass) -> list[LockClass] | None:
-        """Shortest path src -> ... -> target along locks_after (check_noncircular)."""
+        """Shortest path src -> ... -> target along locks_after (check_noncircular).
+        Caller holds graph_lock, so the adjacency dicts cannot change under the walk."""
         parent: dict[LockClass, LockClass | None] = {src: None}
         q = deque([src])
         while q:
             if len(q) > self.max_bfs_queue:
                 self.max_bfs_queue = len(q)
             c = q.popleft()
-            for n in list(c.after):
+            for n in c.after:
                 if n in parent:
                     continue
                 parent[n] = c
@@ -341,12 +354,13 @@ class Lockdep:
             return [e for c in self.classes for e in c.after.values()]
 
     def nr_chains(self) -> int:
-        return len(self._chains)
+        return self._nr_chains
 
     def reset(self) -> None:
         """Forget every chain and edge (the kernel's lockdep_reset(), for tests)."""
         with self._graph_lock:
-            self._chains.clear()
+            self.root.clear()
+            self._nr_chains = 0
             self.chain_classes.clear()
             for c in self.classes:
                 c.after.clear()

@@ -66,8 +66,8 @@ def proc_lockdep_stats(ld: Lockdep) -> str:
 def proc_lockdep_chains(ld: Lockdep) -> str:
     """/proc/lockdep_chains: the held-class sequence of every validated chain."""
     out = []
-    for key, names in list(ld.chain_classes.items()):
-        out.append(f"irq_context: 0\n[{key:016x}]\n")
+    for i, names in enumerate(list(ld.chain_classes)):
+        out.append(f"irq_context: 0\n[{i:016x}]\n")
         out.extend(f" {n}\n" for n in names)
         out.append("\n")
     return "".join(out)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from kmemcg.core.report import READ, TRYLOCK
+from kmemcg.core.report import READ, TRYLOCK, site_key
 from kmemcg.core.stacks import frame_site
 from kmemcg.locking import lock_stat
 from kmemcg.locking.lock_stat import LockStat
@@ -95,13 +95,12 @@ class RWSem(LockdepMap):
                 if ld is not None:
                     ld.drop(task, self)
                 raise
-            if k.lock_stat:
-                st = self._wstat if write else self._rstat
-                if write:
-                    st.wait(_now() - t0, task.cpu, site, None)
-                else:
-                    with cond:
-                        st.wait(_now() - t0, task.cpu, site, None)
+            # Contention is always recorded (slow path); read stats under _cond.
+            if write:
+                self._wstat.wait(_now() - t0, task.cpu, site_key(site), None)
+            else:
+                with cond:
+                    self._rstat.wait(_now() - t0, task.cpu, site_key(site), None)
         if k.lock_stat:
             if write:
                 self._wstat.acquired(task.cpu)
