@@ -103,7 +103,10 @@ class FindingLog:
             self._by_sig[key] = f
             self._items.append(f)
             listeners = list(self._listeners)
-        logger.bind(kernel=self._name, kind=kind).warning("{}\n{}", title, body)
+        # The title at WARNING (a run's live log), the full splat at DEBUG (dmesg).
+        log = logger.bind(kernel=self._name, kind=kind)
+        log.warning("{} [{}] {}", title, kind, signature)
+        log.debug("{}", body)
         for cb in listeners:
             cb(f)
         return f

@@ -14,6 +14,7 @@ thread-local storage.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 import traceback
@@ -22,6 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kmemcg.kernel import Kernel
+
+
+# Frames below the first of these (the model's waits and reports, the stdlib they call) are
+# noise in a stack dump of a blocked task.
+_PLUMBING = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.__file__))
 
 
 class KernelTornDown(BaseException):
@@ -66,11 +72,15 @@ class Task:
         return f"<Task {self.name}>"
 
     def python_stack(self) -> str:
-        """The thread's current Python stack (for hung-task and deadlock reports)."""
+        """The thread's current Python stack (for hung-task and deadlock reports), without the
+        innermost frames of the model's own waiting and reporting plumbing."""
         frame = sys._current_frames().get(self.thread_ident)
         if frame is None:
             return "       <not running>\n"
-        return "".join("       " + line for line in traceback.format_stack(frame))
+        stack = traceback.extract_stack(frame)
+        while len(stack) > 1 and stack[-2].filename.startswith(_PLUMBING):
+            stack.pop()
+        return "".join("       " + line for line in traceback.format_list(stack))
 
 
 class _ExitSentinel:

@@ -179,6 +179,9 @@ class RWSem(LockdepMap):
         return self._trylock(True)
 
     def _trylock(self, write: bool) -> bool:
+        """down_{read,write}_trylock(): the same events and statistics as a successful
+        uncontended acquisition (a failed trylock makes none), and a hold-time start so that
+        the matching up_*() does not measure from a stale timestamp."""
         k = self._k
         task = k.current()
         with self._cond:
@@ -190,9 +193,22 @@ class RWSem(LockdepMap):
                 if self._writer is not None or self._wwait:
                     return False
                 self._readers[task] = self._readers.get(task, 0) + 1
+        d = k._dispatch
+        if d is not None:
+            d("lock_acquire", task, self)
         if k._ld is not None:
             k._ld.acquire(task, self, self._cls0, TRYLOCK | (0 if write else READ),
                           frame_site(3))
+        if k.lock_stat:
+            if write:
+                self._wstat.acquired(task.cpu)
+                self._t_w = _now()
+            else:
+                with self._cond:
+                    self._rstat.acquired(task.cpu)
+                    self._t_r[task] = _now()
+        if d is not None:
+            d("lock_acquired", task, self)
         return True
 
     @contextmanager

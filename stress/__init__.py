@@ -1,0 +1,1 @@
+"""Stress drivers, the ``python -m stress`` command line and its reports (above kmemcg)."""

@@ -1,0 +1,344 @@
+"""The instrumentation point (``Kernel.event`` / ``Kernel.window``), instruments, and the test
+breakpoints built on it."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from loguru import logger
+
+from kmemcg import Instrument, Kernel, Task
+
+
+class Recorder(Instrument):
+    """Records (point, label, task, obj); optionally signals when a given point is seen."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, Task, Any]] = []
+        self._lock = threading.Lock()
+        self.contended = threading.Event()
+
+    def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
+        with self._lock:
+            self.events.append((point, label, task, obj))
+        if point == "lock_contended":
+            self.contended.set()
+
+    def of(self, task: Task) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(p, lbl) for p, lbl, t, _ in self.events if t is task]
+
+
+class Raiser(Instrument):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
+        self.calls += 1
+        raise RuntimeError("instrument bug")
+
+
+# ----------------------------------------------------------------------------- instruments
+
+def test_no_instrument_means_no_dispatcher(kernel) -> None:
+    assert kernel._dispatch is None
+    kernel.window("nobody_listens")  # a no-op, no error
+    kernel.event("lock_acquire", object())
+    rec = Recorder()
+    kernel.add_instrument(rec)
+    assert kernel._dispatch is not None
+    kernel.remove_instrument(rec)
+    assert kernel._dispatch is None
+    kernel.remove_instrument(rec)  # removing twice is harmless
+    assert kernel._dispatch is None
+
+
+def test_mutex_events_with_class_labels(kernel) -> None:
+    rec = Recorder()
+    kernel.add_instrument(rec)
+    m = kernel.mutex("slab_mutex")
+    me = kernel.current()
+    with m:
+        pass
+    assert rec.of(me) == [("lock_acquire", "slab_mutex"), ("lock_acquired", "slab_mutex"),
+                          ("lock_release", "slab_mutex")]
+    assert all(obj is m for _, _, _, obj in rec.events)
+
+
+def test_mutex_trylock_events(kernel) -> None:
+    rec = Recorder()
+    kernel.add_instrument(rec)
+    m = kernel.mutex("try_me")
+    me = kernel.current()
+    assert m.trylock()
+    assert rec.of(me) == [("lock_acquire", "try_me"), ("lock_acquired", "try_me")]
+    m.unlock()
+    before = len(rec.of(me))
+    held = threading.Event()
+    done = threading.Event()
+
+    def holder() -> None:
+        with m:
+            held.set()
+            done.wait(5)
+
+    t = kernel.kthread_run(holder, name="holder")
+    assert held.wait(5)
+    assert not m.trylock()
+    done.set()
+    t.join(5)
+    # the failed trylock made no event of the calling task
+    assert rec.of(me)[before:] == []
+
+
+def test_contended_mutex_events(kernel) -> None:
+    rec = Recorder()
+    kernel.add_instrument(rec)
+    m = kernel.mutex("contended_mutex")
+
+    def taker() -> None:
+        m.lock()
+        m.unlock()
+
+    m.lock()
+    t = kernel.kthread_run(taker, name="taker")
+    assert rec.contended.wait(5)
+    m.unlock()
+    t.join(5)
+    assert not t.is_alive()
+    assert rec.of(t.task) == [("lock_acquire", "contended_mutex"),
+                              ("lock_contended", "contended_mutex"),
+                              ("lock_acquired", "contended_mutex"),
+                              ("lock_release", "contended_mutex")]
+
+
+def test_rwsem_events(kernel) -> None:
+    rec = Recorder()
+    kernel.add_instrument(rec)
+    s = kernel.rwsem("mmap_sem")
+    me = kernel.current()
+    with s.read():
+        pass
+    with s.write():
+        pass
+    assert s.down_read_trylock()
+    s.up_read()
+    names = [p for p, _ in rec.of(me)]
+    assert names == ["lock_acquire", "lock_acquired", "lock_release"] * 3
+    assert {lbl for _, lbl in rec.of(me)} == {"mmap_sem"}
+
+
+def test_window_and_custom_events(kernel) -> None:
+    rec = Recorder()
+    kernel.add_instrument(rec)
+    kernel.window("kmem_cache_destroy:unlocked")
+    kernel.event("custom_point", "some_label")
+    me = kernel.current()
+    assert rec.of(me) == [("window", "kmem_cache_destroy:unlocked"),
+                          ("custom_point", "some_label")]
+    assert rec.events[0][3] == "kmem_cache_destroy:unlocked"
+
+
+def test_events_are_delivered_in_the_thread_that_makes_them(kernel) -> None:
+    seen = []
+
+    class ThreadRec(Instrument):
+        def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
+            seen.append((threading.current_thread().name, task.comm))
+
+    kernel.add_instrument(ThreadRec())
+    t = kernel.kthread_run(lambda: kernel.window("w"), name="windowed")
+    t.join(5)
+    assert seen == [("windowed", "windowed")]
+
+
+def test_raising_instrument_is_removed_and_model_keeps_working(kernel) -> None:
+    bad, rec = Raiser(), Recorder()
+    kernel.add_instrument(bad)
+    kernel.add_instrument(rec)
+    messages = []
+    sink = logger.add(lambda msg: messages.append(msg.record["message"]), level="ERROR")
+    try:
+        kernel.window("first")
+    finally:
+        logger.remove(sink)
+    assert bad.calls == 1
+    # the event still reached the instrument behind the raising one
+    assert rec.of(kernel.current()) == [("window", "first")]
+    assert any("raised; removing it" in m for m in messages)
+    assert bad not in kernel._instruments
+    # the model keeps working, and the raising instrument stays out even after a rebuild
+    m = kernel.mutex("still_works")
+    with m:
+        assert m.is_held()
+    kernel.add_instrument(Recorder())
+    kernel.window("second")
+    assert bad.calls == 1
+    assert ("window", "second") in rec.of(kernel.current())
+
+
+def test_only_raising_instrument_removed_leaves_no_dispatcher(kernel) -> None:
+    bad = Raiser()
+    kernel.add_instrument(bad)
+    sink = logger.add(lambda _m: None, level="ERROR")
+    try:
+        kernel.window("x")
+    finally:
+        logger.remove(sink)
+    assert kernel._dispatch is None
+
+
+def test_remove_instrument_stops_delivery(kernel) -> None:
+    a, b = Recorder(), Recorder()
+    kernel.add_instrument(a)
+    kernel.add_instrument(b)
+    kernel.window("both")
+    kernel.remove_instrument(a)
+    kernel.window("only_b")
+    me = kernel.current()
+    assert a.of(me) == [("window", "both")]
+    assert b.of(me) == [("window", "both"), ("window", "only_b")]
+
+
+def test_kernels_do_not_share_instruments() -> None:
+    with Kernel(name="one") as k1, Kernel(name="two") as k2:
+        rec = Recorder()
+        k1.add_instrument(rec)
+        k2.window("in_k2")
+        assert rec.events == []
+        assert k2._dispatch is None
+
+
+# ----------------------------------------------------------------------------- breakpoints
+
+def test_breakpoint_forces_a_lost_update(kernel) -> None:
+    """T1 reads, parks in the window, the test writes meanwhile, T1 writes back: the test's
+    update is lost, deterministically."""
+    box = {"v": 0}
+
+    def incr() -> None:
+        v = box["v"]
+        kernel.window("foo")
+        box["v"] = v + 1
+
+    bp = kernel.breakpoints.add("window:foo")
+    t = kernel.kthread_run(incr, name="incrementer")
+    task = bp.wait(5)
+    assert task is t.task
+    assert task.parked_at == "window:foo"
+    assert bp.hit and bp.obj == "foo"
+    box["v"] = 100  # the test's update, made while T1 is parked between read and write
+    assert t.is_alive()
+    bp.release()
+    t.join(5)
+    assert not t.is_alive()
+    assert box["v"] == 1  # lost update
+    assert task.parked_at is None
+
+
+def test_breakpoint_thread_filter(kernel) -> None:
+    bp = kernel.breakpoints.add("window:foo", thread="chosen")
+    passed = []
+    other = kernel.kthread_run(lambda: (kernel.window("foo"), passed.append("other")),
+                               name="other")
+    other.join(5)
+    assert not other.is_alive() and passed == ["other"]  # not caught
+    assert not bp.hit
+    chosen = kernel.kthread_run(lambda: (kernel.window("foo"), passed.append("chosen")),
+                                name="chosen")
+    assert bp.wait(5) is chosen.task
+    assert passed == ["other"]
+    bp.release()
+    chosen.join(5)
+    assert passed == ["other", "chosen"]
+
+
+def test_breakpoint_before_lock_acquire(kernel) -> None:
+    slab_mutex = kernel.mutex("slab_mutex")
+    got = threading.Event()
+
+    def taker() -> None:
+        with slab_mutex:
+            got.set()
+
+    bp = kernel.breakpoints.add("lock_acquire:slab_mutex")
+    t = kernel.kthread_run(taker, name="taker")
+    task = bp.wait(5)
+    assert bp.obj is slab_mutex
+    # parked *before* taking it: the mutex is free, the task holds nothing
+    assert not slab_mutex.is_locked()
+    assert task.held == []
+    assert slab_mutex.trylock()
+    slab_mutex.unlock()
+    assert not got.is_set()
+    bp.release()
+    assert got.wait(5)
+    t.join(5)
+
+
+def test_breakpoint_count_two_parks_two_hits(kernel) -> None:
+    bp = kernel.breakpoints.add("window:foo", count=2)
+    done = []
+    ts = [kernel.kthread_run(lambda i=i: (kernel.window("foo"), done.append(i)), name=f"w{i}")
+          for i in range(2)]
+    bp.wait(5, hits=2)
+    assert {t.task for t in ts} == set(bp.tasks)
+    assert all(t.task.parked_at == "window:foo" for t in ts)
+    # the count is used up: a third task goes through
+    third = kernel.kthread_run(lambda: (kernel.window("foo"), done.append(2)), name="w2")
+    third.join(5)
+    assert done == [2]
+    bp.release()
+    for t in ts:
+        t.join(5)
+    assert sorted(done) == [0, 1, 2]
+
+
+def test_parked_thread_is_released_at_shutdown() -> None:
+    k = Kernel(name="bp_shutdown")
+    after = threading.Event()
+
+    def parks() -> None:
+        k.window("foo")
+        after.set()
+
+    bp = k.breakpoints.add("window:foo")
+    t = k.kthread_run(parks, name="parker")
+    bp.wait(5)
+    assert k.shutdown(timeout=5) == []
+    assert not t.is_alive()
+    assert not after.is_set()  # it unwound (KernelTornDown) instead of going on
+    assert t.exception is None
+    assert len(k.findings) == 0
+
+
+def test_breakpoint_wait_times_out(kernel) -> None:
+    bp = kernel.breakpoints.add("window:never")
+    with pytest.raises(TimeoutError):
+        bp.wait(0.05)
+    bp2 = kernel.breakpoints.add("window:once", count=2)
+    kernel.kthread_run(kernel.window, "once", name="lonely")
+    bp2.wait(5)
+    with pytest.raises(TimeoutError):
+        bp2.wait(0.05, hits=2)
+    bp2.release()
+
+
+def test_breakpoint_max_pause_resumes_a_forgotten_task(kernel) -> None:
+    bp = kernel.breakpoints.add("window:forgotten", max_pause=0.05)
+    t = kernel.kthread_run(kernel.window, "forgotten", name="forgotten")
+    bp.wait(5)
+    t.join(5)
+    assert not t.is_alive()
+
+
+def test_breakpoint_key_must_name_point_and_label(kernel) -> None:
+    with pytest.raises(ValueError):
+        kernel.breakpoints.add("no_colon")
+
+
+def test_breakpoints_installed_once(kernel) -> None:
+    assert kernel.breakpoints is kernel.breakpoints
+    assert kernel._instruments.count(kernel.breakpoints) == 1
