@@ -3,7 +3,7 @@
 Until the slab and memcg layers exist, the workloads exercise the locking layer with the lock
 classes of the slab / memcg world in their documented order (fixed kernel, seed 001):
 
-    cpu_hotplug_lock -> activate_kmem_mutex -> memcg_slab_mutex -> slab_mutex
+    cpu_hotplug.lock -> activate_kmem_mutex -> memcg_slab_mutex -> slab_mutex
 
 ``locks`` takes random ordered subsets of them (sometimes unlocking out of order, sometimes a
 trylock against the order, which lockdep allows) and must stay clean for any seed.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from kmemcg import Kernel
 from kmemcg.locking.mutex import Mutex
 
-ORDER = ("cpu_hotplug_lock", "activate_kmem_mutex", "memcg_slab_mutex", "slab_mutex")
+ORDER = ("cpu_hotplug.lock", "activate_kmem_mutex", "memcg_slab_mutex", "slab_mutex")
 
 
 @dataclass
@@ -69,7 +69,7 @@ def op_ordered_memcg(w: LockWorld, rng: random.Random, ops: Counter) -> None:
 
 def op_trylock_reverse(w: LockWorld, rng: random.Random, ops: Counter) -> None:
     """slab_mutex, then *try* the hotplug lock against the order: a trylock cannot deadlock."""
-    a, b = w.locks["slab_mutex"][0], w.locks["cpu_hotplug_lock"][0]
+    a, b = w.locks["slab_mutex"][0], w.locks["cpu_hotplug.lock"][0]
     with a:
         if b.trylock():
             b.unlock()
@@ -79,13 +79,13 @@ def op_trylock_reverse(w: LockWorld, rng: random.Random, ops: Counter) -> None:
 
 def op_destroy_2012(w: LockWorld, rng: random.Random, ops: Counter) -> None:
     """kmem_cache_destroy() of 3.6: slab_mutex held across rcu_barrier() -> hotplug lock."""
-    with w.locks["gate"][0], w.locks["slab_mutex"][0], w.locks["cpu_hotplug_lock"][0]:
+    with w.locks["gate"][0], w.locks["slab_mutex"][0], w.locks["cpu_hotplug.lock"][0]:
         ops["lock"] += 2
 
 
 def op_cpu_up_2012(w: LockWorld, rng: random.Random, ops: Counter) -> None:
     """_cpu_up(): cpu_hotplug.lock kept through the notifiers; SLAB's takes slab_mutex."""
-    with w.locks["gate"][0], w.locks["cpu_hotplug_lock"][0], w.locks["slab_mutex"][0]:
+    with w.locks["gate"][0], w.locks["cpu_hotplug.lock"][0], w.locks["slab_mutex"][0]:
         ops["lock"] += 2
 
 

@@ -55,7 +55,7 @@ def test_lockdep_demo_reports_the_2012_inversion_and_writes_the_report(tmp_path,
     out = json.loads(capsys.readouterr().out)
     assert code == 1 and out["exit_code"] == 1
     cycles = [f for f in out["findings"] if f["kind"] == "circular_locking"]
-    assert [f["signature"] for f in cycles] == ["cpu_hotplug_lock+slab_mutex"]
+    assert [f["signature"] for f in cycles] == ["cpu_hotplug.lock+slab_mutex"]
     assert cycles[0]["count"] >= 1 and cycles[0]["first_seen_s"] >= 0
     assert "*** DEADLOCK ***" in cycles[0]["text"]
     assert not [f for f in out["findings"] if f["kind"] == "real_deadlock"]
@@ -64,8 +64,8 @@ def test_lockdep_demo_reports_the_2012_inversion_and_writes_the_report(tmp_path,
             "lockdep_graph.json", "lockdep_graph.dot"} <= names
     graph = json.loads((rep / "lockdep_graph.json").read_text())
     edges = {(e["from"], e["to"]) for e in graph["edges"]}
-    assert ("slab_mutex", "cpu_hotplug_lock") in edges
-    assert ("cpu_hotplug_lock", "slab_mutex") in edges
+    assert ("slab_mutex", "cpu_hotplug.lock") in edges
+    assert ("cpu_hotplug.lock", "slab_mutex") in edges
     assert "possible circular locking dependency" in (rep / "findings.txt").read_text()
 
 

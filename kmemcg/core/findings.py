@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,15 @@ CALLBACK_EXCEPTION = "callback_exception"
 WORK_EXCEPTION = "work_exception"
 KTHREAD_EXCEPTION = "kthread_exception"
 REFCOUNT = "refcount"
+KASAN_UAF = "kasan_use_after_free"
+KASAN_DOUBLE_FREE = "kasan_double_free"
+KASAN_INVALID_FREE = "kasan_invalid_free"
+KASAN_TYPE_CONFUSION = "kasan_type_confusion"
+SLAB_CACHE_NOT_EMPTY = "slab_cache_not_empty"
+MEMLEAK = "memory_leak"
+ASSERTION = "assertion"
 HOTPLUG_REFCOUNT = "hotplug_refcount"
+WORKQUEUE = "workqueue"  # workqueue WARNs: leaked lock, queue on a dying workqueue
 
 
 @dataclass
@@ -74,6 +83,26 @@ class FindingLog:
         self._boot = boot_time
         self._name = name
         self._listeners: list[Callable[[Finding], None]] = []
+        self._defer = threading.local()  # per-thread queue while a checker holds its locks
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold back logging and listeners of findings reported inside the block until it
+        ends. Checkers report while holding their internal locks (lockdep's graph_lock); a
+        listener that takes a model lock or reads the graph must run after those are free."""
+        d = self._defer
+        depth = getattr(d, "depth", 0)
+        if not depth:
+            d.queue = []
+        d.depth = depth + 1
+        try:
+            yield
+        finally:
+            d.depth = depth
+            if not depth:
+                queue, d.queue = d.queue, []
+                for f, listeners in queue:
+                    self._announce(f, listeners)
 
     def report(
         self,
@@ -103,13 +132,24 @@ class FindingLog:
             self._by_sig[key] = f
             self._items.append(f)
             listeners = list(self._listeners)
-        # The title at WARNING (a run's live log), the full splat at DEBUG (dmesg).
-        log = logger.bind(kernel=self._name, kind=kind)
-        log.warning("{} [{}] {}", title, kind, signature)
-        log.debug("{}", body)
-        for cb in listeners:
-            cb(f)
+        if getattr(self._defer, "depth", 0):
+            self._defer.queue.append((f, listeners))
+        else:
+            self._announce(f, listeners)
         return f
+
+    def _announce(self, f: Finding, listeners: list[Callable[[Finding], None]]) -> None:
+        # The title at WARNING (a run's live log), the full splat at DEBUG (dmesg).
+        log = logger.bind(kernel=self._name, kind=f.kind)
+        log.warning("{} [{}] {}", f.title, f.kind, f.signature)
+        log.debug("{}", f.text)
+        for cb in listeners:
+            # Reports are made from inside the checkers (lockdep holds its graph lock, a lock
+            # acquisition is half done): a listener's exception must not unwind through them.
+            try:
+                cb(f)
+            except Exception:
+                logger.exception("finding listener {!r} raised", cb)
 
     def recur(self, f: Finding) -> None:
         """Count one more occurrence of an already-recorded finding."""
@@ -117,7 +157,8 @@ class FindingLog:
             f.count += 1
 
     def add_listener(self, cb: Callable[[Finding], None]) -> None:
-        """Call ``cb(finding)`` for every new finding (stress --fail-fast, the deadlock exit)."""
+        """Call ``cb(finding)`` for every new finding (stress --fail-fast, the deadlock exit),
+        in the reporting thread, after the reporting checker released its own locks."""
         with self._lock:
             self._listeners.append(cb)
 

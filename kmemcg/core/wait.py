@@ -104,7 +104,9 @@ class WaitTracker:
                 lines.append(f"{task.name}:\n{task.python_stack()}")
             return "".join(lines)
 
+        # Set before reporting: the finding's listeners (and anyone polling the findings)
+        # must already see the kernel as deadlocked.
+        k.deadlocked = True
         k.findings.report(F.REAL_DEADLOCK, "BUG: real deadlock: tasks wait for each other",
                           sig, text, thread=cycle[0][0].name,
                           extra={"tasks": [t.name for t, _, _ in cycle], "locks": names})
-        k.deadlocked = True

@@ -25,7 +25,7 @@ MAX_POINTS = 4  # LOCKSTAT_POINTS
 class LockStat:
     __slots__ = ("acquisitions", "contentions", "wait_min", "wait_max", "wait_total",
                  "hold_min", "hold_max", "hold_total", "holds", "con_bounces", "acq_bounces",
-                 "last_cpu", "points", "contending")
+                 "last_cpu", "points", "contending", "dead")
 
     def __init__(self) -> None:
         self.acquisitions = 0
@@ -42,6 +42,7 @@ class LockStat:
         self.last_cpu = -1
         self.points: dict[Any, int] = {}  # where tasks waited for this lock
         self.contending: dict[Any, int] = {}  # where the holder had taken it
+        self.dead = False  # its lock is gone; figures final, to be folded into the class
 
     def wait(self, ns: int, cpu: int, point: Any, holder_site: Any) -> None:
         self.contentions += 1
@@ -116,15 +117,30 @@ def register(cls: LockClass, stat: LockStat) -> None:
 
 
 def retire(cls: LockClass, stat: LockStat) -> None:
-    """A lock instance is gone: fold its figures into its class."""
-    with cls._stat_lock:
-        try:
-            cls._live.remove(stat)
-        except ValueError:
-            return
+    """A lock instance is gone: fold its figures into its class.
+
+    Called from the lock's ``__del__``, which the cyclic garbage collector may run in any
+    thread at any allocation, including in a thread that holds ``cls._stat_lock`` right now
+    (inside :func:`class_stat`, :func:`register` or this function). So it never blocks: it
+    marks the stat dead and folds it in only if the lock is free; otherwise the next
+    :func:`class_stat` does. Until folded, a dead stat is still counted as a live one, so
+    the class's figures are exact either way."""
+    stat.dead = True
+    if not cls._stat_lock.acquire(blocking=False):
+        return
+    try:
+        _fold_dead(cls)
+    finally:
+        cls._stat_lock.release()
+
+
+def _fold_dead(cls: LockClass) -> None:
+    """Caller holds ``cls._stat_lock``: move dead instances' figures into ``_retired``."""
+    for st in [s for s in cls._live if s.dead]:
         if cls._retired is None:
             cls._retired = LockStat()
-        cls._retired.merge(stat)
+        cls._retired.merge(st)
+        cls._live.remove(st)
 
 
 def class_stat(cls: LockClass) -> LockStat:
@@ -132,6 +148,7 @@ def class_stat(cls: LockClass) -> LockStat:
     as /proc/lock_stat is)."""
     total = LockStat()
     with cls._stat_lock:
+        _fold_dead(cls)
         parts = list(cls._live) + ([cls._retired] if cls._retired else [])
     for s in parts:
         total.merge(s)
@@ -156,7 +173,7 @@ def proc_lock_stat(classes: list[LockClass], read_classes: dict[str, LockStat] |
         rows.append((name, st))
     rows.sort(key=lambda r: (-r[1].contentions, -r[1].acquisitions, r[0]))
     for name, st in rows:
-        if not st.acquisitions:
+        if not st.acquisitions and not st.contentions:  # contentions alone: lock_stat off
             continue
         d = st.to_dict()
         vals = (d["con_bounces"], d["contentions"], d["waittime_min_us"], d["waittime_max_us"],

@@ -246,7 +246,7 @@ class Lockdep:
             nxt = held[-1] = nxt[:H_SITE] + ((f.f_code.co_filename, f.f_lineno,
                                               f.f_code.co_name),)
         found: list[Finding] = []
-        with self._graph_lock:
+        with self._k.findings.deferred(), self._graph_lock:
             r = node.get(step)
             if r is not None:  # another task validated the same chain meanwhile
                 for f in r[1] or ():
@@ -290,7 +290,13 @@ class Lockdep:
             return
         edge = a.after.get(b)
         if edge is not None:
-            found.extend(edge.findings)
+            # A known cycle reached through a new chain: this acquisition is one more
+            # occurrence (the cached chain counts the later ones). Once per finding, even if
+            # several held locks lead to it.
+            for f in edge.findings:
+                if not any(f is g for g in found):
+                    self._k.findings.recur(f)
+                    found.append(f)
             return
         path = self._bfs(b, a)  # does next already (transitively) depend on prev?
         edge = Edge(a, b, self._k.stacks.capture(1), task.name, self._k.uptime())
@@ -333,7 +339,7 @@ class Lockdep:
     def assert_held(self, lock: Any) -> bool:
         """lockdep_assert_held(): a finding (not an exception) when the caller does not hold
         ``lock``. Returns whether it was held."""
-        if lock.is_held():
+        if not self.enabled or lock.is_held():  # a no-op without lockdep, as in the kernel
             return True
         _rep.assert_held(self._k, self._k.current(), lock, frame_site(2))
         return False
@@ -345,7 +351,7 @@ class Lockdep:
 
     def check_no_locks_freed(self, lock: Any, holders: list[Task], what: str) -> None:
         """debug_check_no_locks_freed(): ``lock`` is being re-initialized or freed while held."""
-        if holders:
+        if holders and self.enabled:
             _rep.held_lock_freed(self._k, self._k.current(), lock, holders, what)
 
     # ------------------------------------------------------------------ introspection

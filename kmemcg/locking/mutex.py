@@ -46,9 +46,11 @@ class Mutex(LockdepMap):
 
     __slots__ = ("_raw", "_owner", "_stat", "_t_acq")
     kind = "mutex"
+    sleeps = True  # might_sleep(): illegal inside rcu_read_lock()
+    usage_str = "{+.+.}-{4:4}"
 
     def __init__(self, kernel: Kernel, name: str) -> None:
-        super().__init__(kernel, name, "{+.+.}-{4:4}")
+        super().__init__(kernel, name, self.usage_str)
         self._raw = kernel.raw_lock()
         self._owner: Task | None = None
         self._stat = LockStat()
@@ -72,7 +74,7 @@ class Mutex(LockdepMap):
             task = k._tls.task
         except AttributeError:
             task = k.current()
-        if task.rcu_nesting:  # might_sleep() inside rcu_read_lock()
+        if task.rcu_nesting and self.sleeps:  # might_sleep() inside rcu_read_lock()
             k.might_sleep_in_rcu(task, self)
         d = k._dispatch
         if d is not None:
@@ -110,7 +112,10 @@ class Mutex(LockdepMap):
         d = k._dispatch
         if d is not None:
             d("lock_contended", task, self)
+        # Where the holder took it ("contending from"), read now: by the time this task gets
+        # the lock the holder has released it and its held-lock entry is gone.
         holder = self._owner
+        holder_site = site_of(holder, self) if holder is not None else None
         t0 = _now()
         try:
             raw = self._raw
@@ -121,8 +126,7 @@ class Mutex(LockdepMap):
             raise
         # Contention is always recorded (slow path only). Written while holding the lock: exact
         # without another lock.
-        self._stat.wait(_now() - t0, task.cpu, site_of(task, self),
-                        site_of(holder, self) if holder is not None else None)
+        self._stat.wait(_now() - t0, task.cpu, site_of(task, self), holder_site)
 
     def trylock(self) -> bool:
         """mutex_trylock(): True if taken. Lockdep records it but adds no edge *to* it."""
@@ -196,3 +200,14 @@ class Mutex(LockdepMap):
         """mutex_destroy() / freeing the memory that holds the mutex."""
         o = self._owner
         self._k.lockdep.check_no_locks_freed(self, [o] if o else [], "freeing")
+
+
+class SpinLock(Mutex):
+    """spinlock_t: the same exclusion and lockdep tracking as a mutex, but taking it does not
+    sleep, so it is legal inside rcu_read_lock() (the SLAB_TYPESAFE_BY_RCU reader pattern
+    locks the object it found). The model still blocks on contention instead of spinning."""
+
+    __slots__ = ()
+    kind = "spinlock"
+    sleeps = False
+    usage_str = "{+.+.}-{2:2}"

@@ -34,7 +34,8 @@ def test_current_is_stable_per_thread_and_distinct_across_threads(kernel) -> Non
 def test_pids_increment(kernel) -> None:
     first = kernel.current().pid
     pids = [_in_thread(lambda: kernel.current().pid) for _ in range(3)]
-    assert pids == [first + 1, first + 2, first + 3]
+    # strictly increasing (the kernel's own kthreads may take pids in between)
+    assert first < pids[0] < pids[1] < pids[2]
 
 
 def test_two_kernels_give_one_thread_two_tasks() -> None:
@@ -53,11 +54,9 @@ def test_two_kernels_give_one_thread_two_tasks() -> None:
 def test_task_registry_lists_live_tasks(kernel) -> None:
     me = kernel.current()
     assert me in kernel.tasks.all()
-    gone = threading.Event()
     t = kernel.kthread_run(lambda: kernel.current(), name="shortlived")
     t.join(10)
     assert not t.is_alive()
-    gone.set()
     assert t.result is t.task
     assert t.task.exited
     assert t.task not in kernel.tasks.all()

@@ -47,10 +47,14 @@ def programs(draw) -> tuple[int, list[list[Op]]]:
         held: list[str] = []
         for _ in range(draw(st.integers(0, 10))):
             free = [n for n in names if n not in held]
+            # Mostly classes not held yet: a recursive acquisition adds no edge.
+            fresh = [n for n in free if _cls(n) not in {_cls(h) for h in held}]
             can_map = held.count(MAP) < MAX_MAP_NEST
             choices = []
+            if fresh:
+                choices += ["lock", "lock", "lock", "lock", "try"]
             if free:
-                choices += ["lock", "lock", "lock", "try"]
+                choices += ["same"]
             if can_map:
                 choices += ["map"]
             if held:
@@ -65,8 +69,8 @@ def programs(draw) -> tuple[int, list[list[Op]]]:
                 ops.append(("acq", MAP, draw(st.sampled_from(["lock", "nocheck", "try"]))))
                 held.append(MAP)
             else:
-                name = draw(st.sampled_from(free))
-                ops.append(("acq", name, what))
+                name = draw(st.sampled_from(free if what == "same" else fresh))
+                ops.append(("acq", name, "lock" if what == "same" else what))
                 held.append(name)
         for name in draw(st.permutations(held)):  # end each task with nothing held
             ops.append(("rel", name))

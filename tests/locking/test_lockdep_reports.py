@@ -352,3 +352,24 @@ def test_held_lock_freed_report(kernel: Kernel) -> None:
     assert f.kind == F.HELD_LOCK_FREED
     _in_order(f.text, ["WARNING: held lock freed!", "is re-initializing", "(M)",
                        "with a lock still held there!", "1 lock held by", "stack backtrace:"])
+
+
+def test_a_listener_may_take_model_locks_and_read_the_graph(kernel):
+    """Listeners run after lockdep released graph_lock: taking a lock (a new chain, so a
+    validation) or reading the graph from a listener must not self-deadlock."""
+    k = kernel
+    seen = []
+    other = k.mutex("listener_lock")
+
+    def listener(f):
+        with other:
+            seen.append((f.kind, len(k.lockdep_graph()["edges"])))
+
+    k.findings.add_listener(listener)
+    a, b = k.mutex("A"), k.mutex("B")
+    with a, b:
+        pass
+    with b, a:
+        pass
+    assert seen and seen[0][0] == "circular_locking"
+    assert seen[0][1] >= 2
