@@ -13,37 +13,57 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from loguru import logger
 
+from kmemcg.config import HOTPLUG_2012, Config
 from kmemcg.core import findings as F
 from kmemcg.core.findings import FindingLog
 from kmemcg.core.instrument import Breakpoints, Dispatcher, Instrument
+from kmemcg.core.kasan import Kasan
 from kmemcg.core.report import banner, held_locks
 from kmemcg.core.stacks import StackDepot, format_stack
 from kmemcg.core.task import KernelTornDown, KThread, Task, TaskRegistry
 from kmemcg.core.wait import WaitTracker
+from kmemcg.cpu import Hotplug, make_hotplug
+from kmemcg.hung_task import HungTaskWatchdog
 from kmemcg.locking import lock_stat as _lock_stat
 from kmemcg.locking import lockdep_proc
 from kmemcg.locking.lockdep import Lockdep, LockdepMap
-from kmemcg.locking.mutex import Mutex
+from kmemcg.locking.mutex import Mutex, SpinLock
 from kmemcg.locking.rwsem import RWSem
+from kmemcg.mm.page_alloc import PageAllocator
+from kmemcg.mm.slab_common import SlabCommon
+from kmemcg.rcu import RCU
+from kmemcg.workqueue import Workqueue, Workqueues
 
 VERSION = "0.1.0"
 
 
 class Kernel:
-    """``Kernel(lockdep=True, lock_stat=False)``; use as a context manager or call
-    :meth:`shutdown` so that its threads end.
+    """``Kernel(config="fixed", bugs=(), lockdep=True, kasan=True, lock_stat=False)``; use as
+    a context manager or call :meth:`shutdown` so that its threads end.
+
+    ``config`` is a preset name or a :class:`Config` (which design, which historical bugs
+    switched back on, see :mod:`kmemcg.config`); ``bugs`` adds switches on top of it;
+    ``hotplug`` overrides the preset's CPU-hotplug lock design.
 
     ``lock_stat`` (CONFIG_LOCK_STAT) adds acquisition counts and hold times to the fast path;
     contentions and wait times are always recorded (they cost only on the contended path).
     """
 
-    def __init__(self, *, name: str | None = None, lockdep: bool = True,
-                 lock_stat: bool = False) -> None:
+    def __init__(self, *, config: Config | str | None = None, bugs: Iterable[str] = (),
+                 name: str | None = None, lockdep: bool = True, kasan: bool = True,
+                 lock_stat: bool = False, rcu_flavor: str = "rcu", cpus: int = 4,
+                 hotplug: str | None = None,
+                 hung_task_timeout: float | None = None) -> None:
+        if not isinstance(config, Config):
+            config = Config.make(config or "fixed", list(bugs), hotplug)
+        elif bugs or hotplug:
+            config = Config.make(config.preset, [*config.bugs, *bugs], hotplug or config.hotplug)
+        self.config = config
         self.name = name or f"kernel@{id(self):x}"
         self.boot = time.monotonic()
         self.stacks = StackDepot()
@@ -63,6 +83,24 @@ class Kernel:
         self._kthreads: list[KThread] = []
         self._shutdown_hooks: list[Callable[[], None]] = []
         self._exit_checks: list[Callable[[Task], None]] = []
+        # CPU hotplug ("percpu_rwsem" = cpus_read_lock; "2012" = the v3.6 refcount lock)
+        self.hotplug: Hotplug = make_hotplug(self, config.hotplug, cpus)
+        if config.hotplug == HOTPLUG_2012:
+            # The 2012 code had no BUG_ON: an extra put_online_cpus() drove the count
+            # negative (the debug check reports it either way).
+            self.hotplug.allow_underflow = True
+        self.workqueues = Workqueues(self, pool_id=2 * cpus)  # kworker/u{2*cpus}:N
+        # khungtaskd: None = off; else seconds a task may stay blocked before a report
+        self.hung_task: HungTaskWatchdog | None = None
+        self.rcu = RCU(self, flavor=rcu_flavor)  # rcu_flavor="busted": rcutorture's rcu_busted
+        self.on_shutdown(self.rcu.shutdown)
+        self.add_exit_check(self.rcu.exit_check)
+        # mm: KASAN, the page allocator and the slab allocator (k.slab)
+        self.kasan = Kasan(self, enabled=kasan)
+        self.page_alloc = PageAllocator(self)
+        self.slab = SlabCommon(self)
+        if hung_task_timeout is not None:  # last: it scans everything above
+            self.hung_task = HungTaskWatchdog(self, hung_task_timeout)
 
     # ------------------------------------------------------------------ tasks
     def current(self) -> Task:
@@ -125,12 +163,25 @@ class Kernel:
     def mutex(self, name: str) -> Mutex:
         return Mutex(self, name)
 
+    def spinlock(self, name: str) -> SpinLock:
+        return SpinLock(self, name)
+
     def rwsem(self, name: str) -> RWSem:
         return RWSem(self, name)
 
     def lockdep_map(self, name: str, usage: str = "{+.+.}-{0:0}") -> LockdepMap:
         """A pseudo-lock lockdep tracks without a real lock (lockdep_map)."""
         return LockdepMap(self, name, usage)
+
+    # ------------------------------------------------------------------ workqueues
+    def create_workqueue(self, name: str, max_active: int = 0) -> Workqueue:
+        """alloc_workqueue(name, 0, max_active); 0 = WQ_DFL_ACTIVE (see kmemcg.workqueue)."""
+        return self.workqueues.create(name, max_active)
+
+    @property
+    def system_wq(self) -> Workqueue:
+        """system_wq ("events"), created on first use."""
+        return self.workqueues.system_wq
 
     def might_sleep_in_rcu(self, task: Task, what: Any) -> None:
         """might_sleep() inside rcu_read_lock(): with non-preemptible RCU a reader must not

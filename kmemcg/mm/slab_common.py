@@ -1,0 +1,233 @@
+"""mm/slab_common.c: kmem_cache_create() with merging, kmem_cache_destroy(), kmem_cache_shrink(),
+the slab_caches list under slab_mutex, /proc/slabinfo, and the CPU-hotplug notifier.
+
+Lock order (fixed kernel): cpu hotplug read side -> slab_mutex -> (raw) list_lock. The hotplug
+notifier runs with the hotplug write side held and takes slab_mutex, so that order is the only
+legal one, which is exactly what the 2012 bug broke (seed 004).
+
+Bug switches restored here, each at the point its fix changed:
+
+* ``destroy_rcu_barrier_under_slab_mutex`` (v3.6; fixed by 210ed9defffc): rcu_barrier() runs
+  before slab_mutex is released. rcu_barrier() takes the hotplug lock in the 2012 design
+  (1331e7a1bbe1), so lockdep sees slab_mutex -> cpu_hotplug.lock against the notifier's
+  cpu_hotplug.lock -> slab_mutex.
+* ``destroy_without_rcu_barrier`` (2004, seed 003): no rcu_barrier() at all for a
+  TYPESAFE_BY_RCU cache; pending rcu_free_slab() callbacks then read the freed cache.
+* ``alias_race`` (3.16-3.18): with the alias count at zero, destroy drops slab_mutex (the real
+  code destroyed memcg children there) while the doomed cache is still on slab_caches, so
+  find_mergeable() can hand it to a concurrent kmem_cache_create().
+* ``put_online_cpus_imbalance`` (seed 004): a leaking put_online_cpus(). The seed thread never
+  found the leaking caller; the model puts it on kmem_cache_shrink()'s way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kmemcg.core import findings as F
+from kmemcg.core.report import banner
+from kmemcg.core.stacks import format_stack
+from kmemcg.mm.slub import (
+    CACHE_LINE,
+    SLAB_HWCACHE_ALIGN,
+    SLAB_MERGE_SAME,
+    SLAB_NEVER_MERGE,
+    KmemCache,
+    SlabObject,
+    Slub,
+)
+
+if TYPE_CHECKING:
+    from kmemcg.kernel import Kernel
+
+WORD = 8
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+class SlabCommon:
+    """``k.slab``: the slab allocator's public interface, named as in the kernel."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self._k = kernel
+        self.slub = Slub(kernel)
+        self.slab_mutex = kernel.mutex("slab_mutex")
+        self.slab_caches: list[KmemCache] = []  # slab_mutex
+        kernel.hotplug.register_notifier(self.slab_cpu_callback)
+
+    # ------------------------------------------------------------------ create
+    def kmem_cache_create(self, name: str, size: int, align: int = 0, flags: int = 0,
+                          ctor: Callable[[SlabObject], None] | None = None) -> KmemCache:
+        """kmem_cache_create(): merge into a compatible cache (its alias count goes up) or
+        create a new one; under the hotplug read lock and slab_mutex as the kernel does."""
+        if size <= 0 or size > 1 << 22:
+            raise ValueError(f"kmem_cache_create({name!r}): bad object size {size}")
+        k = self._k
+        hp = k.hotplug
+        hp.get_online_cpus()
+        try:
+            with self.slab_mutex:
+                s = self.find_mergeable(size, align, flags, ctor)
+                if s is not None:
+                    s.alias_count += 1  # __kmem_cache_alias()
+                    k.event("cache_merge", s)
+                    return s
+                return self._create_cache(name, size, align, flags, ctor)
+        finally:
+            hp.put_online_cpus()
+
+    def _calc_align(self, flags: int, align: int, size: int) -> int:
+        a = max(align, WORD)
+        if flags & SLAB_HWCACHE_ALIGN:
+            ralign = CACHE_LINE
+            while size <= ralign // 2 and ralign > WORD:
+                ralign //= 2
+            a = max(a, ralign)
+        return a
+
+    def find_mergeable(self, size: int, align: int, flags: int,
+                       ctor: Callable | None) -> KmemCache | None:
+        """find_mergeable(): caller holds slab_mutex. Never for TYPESAFE_BY_RCU or a ctor."""
+        if (flags & SLAB_NEVER_MERGE) or ctor is not None:
+            return None
+        size = _align(size, WORD)
+        a = self._calc_align(flags, align, size)
+        size = _align(size, a)
+        for s in reversed(self.slab_caches):
+            if s.flags & SLAB_NEVER_MERGE or s.ctor is not None:
+                continue  # slab_unmergeable()
+            if s.memcg_params is not None and not s.memcg_params.is_root_cache:
+                continue  # a per-memcg clone is never an alias target
+            if size > s.size or s.size - size >= WORD:
+                continue
+            if (flags & SLAB_MERGE_SAME) != (s.flags & SLAB_MERGE_SAME):
+                continue
+            if s.size & (a - 1):
+                continue
+            return s
+        return None
+
+    def _create_cache(self, name: str, size: int, align: int, flags: int,
+                      ctor: Callable | None) -> KmemCache:
+        """create_cache(): caller holds slab_mutex."""
+        k = self._k
+        a = self._calc_align(flags, align, _align(size, WORD))
+        s = KmemCache(k, name, size, _align(_align(size, WORD), a), a, flags, ctor)
+        k.kasan.alloc(s, "kmem_cache", "the kmem_cache cache")
+        self.slab_caches.append(s)
+        s.on_list = True
+        k.event("cache_create", s)
+        return s
+
+    # ------------------------------------------------------------------ destroy
+    def kmem_cache_destroy(self, s: KmemCache | None) -> None:
+        """kmem_cache_destroy(): drop one alias; the last one shuts the cache down and frees
+        it. Objects still allocated: "Slab cache still has objects", the cache stays usable."""
+        if s is None:
+            return
+        k = self._k
+        cfg = k.config
+        hp = k.hotplug
+        hp.get_online_cpus()
+        try:
+            self.slab_mutex.lock()
+            unlocked = False
+            try:
+                s.alias_count -= 1
+                if s.alias_count:
+                    return
+                if cfg.bug("alias_race"):
+                    # 3.16-3.18: slab_mutex dropped with the count at zero and the cache still
+                    # on slab_caches (the memcg children were destroyed here).
+                    self.slab_mutex.unlock()
+                    k.window("kmem_cache_destroy:slab_mutex_dropped")
+                    self.slab_mutex.lock()
+                busy = self.slub.kmem_cache_shutdown(s)
+                if busy:
+                    s.alias_count += 1  # the model lets the owner free its objects and retry
+                    self._report_busy(s, busy)
+                    return
+                self.slab_caches.remove(s)
+                s.on_list = False
+                if cfg.bug("destroy_rcu_barrier_under_slab_mutex"):
+                    if s.typesafe:
+                        k.rcu.barrier()  # v3.6: under slab_mutex
+                else:
+                    self.slab_mutex.unlock()  # 210ed9defffc: unlock before rcu_barrier()
+                    unlocked = True
+                    k.window("kmem_cache_destroy:unlocked")
+                    if s.typesafe and not cfg.bug("destroy_without_rcu_barrier"):
+                        k.rcu.barrier()  # pending rcu_free_slab() callbacks read the cache
+                k.event("cache_destroy", s)
+                k.kasan.free(s)  # slab_kmem_cache_release()
+            finally:
+                if not unlocked:
+                    self.slab_mutex.unlock()
+        finally:
+            hp.put_online_cpus()
+
+    def _report_busy(self, s: KmemCache, busy: list) -> None:
+        k = self._k
+        task = k.current()
+        title = f"kmem_cache_destroy {s.name}: Slab cache still has objects"
+        active, total, slabs = self.slub.counts(s)
+        stack = k.stacks.capture(2)
+        k.findings.report(
+            F.SLAB_CACHE_NOT_EMPTY, title, s.name,
+            lambda: (banner(title, k) + f"{active} of {total} objects in {slabs} slabs still "
+                     f"allocated ({len(busy)} slabs not empty)\nCall Trace:\n"
+                     + format_stack(stack)),
+            thread=task.name, extra={"cache": s.name, "active_objects": active})
+
+    # ------------------------------------------------------------------ shrink
+    def kmem_cache_shrink(self, s: KmemCache) -> int:
+        """kmem_cache_shrink(): under the hotplug read lock (and, since 4.x, slab_mutex is not
+        needed)."""
+        hp = self._k.hotplug
+        hp.get_online_cpus()
+        try:
+            return self.slub.kmem_cache_shrink(s)
+        finally:
+            hp.put_online_cpus()
+            if self._k.config.bug("put_online_cpus_imbalance"):
+                hp.put_online_cpus()  # the leaking put of seed 004
+
+    # ------------------------------------------------------------------ alloc / free
+    def kmem_cache_alloc(self, s: KmemCache) -> SlabObject:
+        return self.slub.slab_alloc(s)
+
+    def kmem_cache_free(self, s: KmemCache, obj: SlabObject) -> None:
+        self.slub.slab_free(s, obj)
+
+    # ------------------------------------------------------------------ hotplug
+    def slab_cpu_callback(self, event: str, cpu: int) -> None:
+        """The slab CPU notifier (cpuup_callback / slub_cpu_dead): takes slab_mutex with the
+        hotplug write side held; on CPU death flushes that CPU's slab of every cache."""
+        from kmemcg.cpu import DEAD, UP_PREPARE
+        if event not in (UP_PREPARE, DEAD):
+            return
+        with self.slab_mutex:
+            if event == DEAD:
+                for s in list(self.slab_caches):
+                    self.slub.flush_cpu_slab(s, cpu)
+
+    # ------------------------------------------------------------------ listings
+    def caches(self) -> list[KmemCache]:
+        with self.slab_mutex:
+            return list(self.slab_caches)
+
+    def slabinfo(self) -> str:
+        """/proc/slabinfo (version 2.1)."""
+        out = ["slabinfo - version: 2.1\n",
+               "# name            <active_objs> <num_objs> <objsize> <objperslab> "
+               "<pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata "
+               "<active_slabs> <num_slabs> <sharedavail>\n"]
+        for s in self.caches():
+            active, total, slabs = self.slub.counts(s)
+            out.append(f"{s.name:<17} {active:>6} {total:>6} {s.size:>6} "
+                       f"{s.objects_per_slab:>4} {1:>4} : tunables {0:>4} {0:>4} {0:>4} "
+                       f": slabdata {slabs:>6} {slabs:>6} {0:>6}\n")
+        return "".join(out)
