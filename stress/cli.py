@@ -16,16 +16,18 @@ import traceback
 from collections import Counter
 
 from kmemcg import Instrument, Kernel
+from kmemcg.catalog import listing as bug_listing
+from kmemcg.config import PRESETS, Config, ConfigError
 from kmemcg.core import findings as F
 from stress import reporting
-from stress.workloads import WORKLOADS, LockWorld, pick
+from stress.world import ROLES, WORKLOADS, World, assign_roles, run_role
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_DEADLOCK, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 PERTURB = {  # probability of a delay at a race window, and its longest sleep (s)
     "off": (0.0, 0.0),
-    "light": (0.05, 0.0005),
-    "heavy": (0.3, 0.002),
+    "light": (0.2, 0.001),
+    "heavy": (0.5, 0.004),
 }
 
 
@@ -45,12 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     p.add_argument("--seed", type=int, default=None,
                    help="fixes every random choice of the drivers (default: random, printed)")
-    p.add_argument("--workload", default="locks", help="what the drivers do (--list-workloads)")
+    p.add_argument("--kernel", default="fixed", metavar="PRESET",
+                   help="kernel design to model (default fixed; see --list-presets)")
+    p.add_argument("--bug", action="append", default=[], metavar="NAME",
+                   help="switch a catalog bug on, on top of the preset (repeatable; --list-bugs)")
+    p.add_argument("--cpus", type=int, default=4, help="simulated CPUs (default 4)")
+    p.add_argument("--workload", default="default",
+                   help="role mix of the driver threads (default; see --list-workloads)")
+    p.add_argument("--mix", default=None, metavar="ROLE=W,...",
+                   help="role weights, overriding the workload's (e.g. allocator=3,hotplug=1)")
     p.add_argument("--perturb", choices=sorted(PERTURB), default="light",
                    help="delays at named race windows (default light)")
     p.add_argument("--hung-timeout", type=float, default=10.0,
                    help="seconds a task may block before it is reported hung (default 10)")
     p.add_argument("--no-lockdep", action="store_true", help="run without the lock validator")
+    p.add_argument("--no-kasan", action="store_true", help="run without KASAN checking")
     p.add_argument("--lock-stat", action="store_true",
                    help="count acquisitions and hold times (CONFIG_LOCK_STAT; slower)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first finding")
@@ -61,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"],
                    help="loguru level for the run's log on stderr (default WARNING)")
     p.add_argument("--list-workloads", action="store_true", help="list workloads and exit")
+    p.add_argument("--list-presets", action="store_true", help="list kernel presets and exit")
+    p.add_argument("--list-bugs", action="store_true", help="list the bug catalog and exit")
     return p
 
 
@@ -75,9 +88,37 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.workload not in WORKLOADS:
         raise UsageError(f"unknown --workload {args.workload!r} "
                          f"(choose from {', '.join(WORKLOADS)})")
+    if not 1 <= args.cpus <= 64:
+        raise UsageError(f"--cpus must be between 1 and 64, got {args.cpus}")
+    try:
+        args.config = Config.make(args.kernel, args.bug)
+    except ConfigError as e:
+        raise UsageError(f"{'--kernel' if 'preset' in str(e) else '--bug'}: {e}") from None
+    args.mix_weights = dict(WORKLOADS[args.workload])
+    if args.mix:
+        args.mix_weights = parse_mix(args.mix)
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
     return args
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        role, sep, weight = part.partition("=")
+        role = role.strip()
+        if role not in ROLES or not sep:
+            raise UsageError(f"bad --mix entry {part!r} (roles: {', '.join(ROLES)}; "
+                             "form role=weight)")
+        try:
+            mix[role] = float(weight)
+        except ValueError:
+            raise UsageError(f"bad --mix weight {weight!r} for {role}") from None
+        if mix[role] < 0:
+            raise UsageError(f"bad --mix weight {weight!r} for {role}")
+    if not any(mix.values()):
+        raise UsageError("--mix gives every role weight 0")
+    return mix
 
 
 class Perturb(Instrument):
@@ -106,21 +147,21 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     old_switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-4)  # open the GIL's race windows: switch often under stress
-    k = Kernel(name="stress", lockdep=not args.no_lockdep, lock_stat=args.lock_stat)
+    k = Kernel(name="stress", config=args.config, lockdep=not args.no_lockdep,
+               kasan=not args.no_kasan, lock_stat=args.lock_stat, cpus=args.cpus,
+               hung_task_timeout=args.hung_timeout)
     prob, longest = PERTURB[args.perturb]
     if prob:
         k.add_instrument(Perturb(seed, prob, longest))
-    world = LockWorld.build(k)
-    stop = threading.Event()
+    world = World(k, seed)
+    stop = world.stop
+    roles = assign_roles(args.mix_weights, args.threads)
     counters = [Counter() for _ in range(args.threads)]  # one per driver: no shared counter
     first_finding = threading.Event()
     k.findings.add_listener(lambda f: first_finding.set())
 
     def driver(i: int) -> None:
-        rng = random.Random(seed * 1_000_003 + i)
-        c = counters[i]
-        while not stop.is_set():
-            pick(args.workload, rng)(world, rng, c)
+        run_role(world, roles[i], random.Random(seed * 1_000_003 + i), counters[i])
 
     show = not args.quiet and sys.stderr.isatty()
     t0 = time.monotonic()
@@ -128,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     crash = None
     try:
         for i in range(args.threads):
-            k.kthread_run(driver, i, name=f"stress{i}")
+            k.kthread_run(driver, i, name=f"{roles[i]}/{i}")
         while True:
             elapsed = time.monotonic() - t0
             if elapsed >= args.duration or k.deadlocked:
@@ -162,8 +203,10 @@ def run(args: argparse.Namespace) -> int:
             code = EXIT_DEADLOCK
         elif len(k.findings):
             code = EXIT_FINDINGS
-    s = reporting.summary(k, seed=seed, kernel="locks-only", bugs=[], threads=args.threads,
-                          duration_s=elapsed, ops=ops, exit_code=code, workload=args.workload)
+    s = reporting.summary(k, seed=seed, kernel=args.kernel, bugs=sorted(args.config.bugs),
+                          threads=args.threads, duration_s=elapsed, ops=ops, exit_code=code,
+                          workload=args.workload)
+    s["roles"] = dict(Counter(roles))
     if stuck:
         s["stuck_threads"] = stuck
     if args.report:
@@ -185,8 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stress: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if args.list_workloads:
-        for name, ops in WORKLOADS.items():
-            print(f"{name:<16}{', '.join(op.__name__ for op, _ in ops)}")
+        for name, mix in WORKLOADS.items():
+            print(f"{name:<10}" + ", ".join(f"{r}={w:g}" for r, w in mix.items()))
+        return EXIT_OK
+    if args.list_presets:
+        for p in PRESETS.values():
+            print(f"{p.name:<8}{p.release:<26}hotplug {p.hotplug:<13}bugs: "
+                  f"{', '.join(sorted(p.bugs)) or '-'}\n        {p.doc}")
+        return EXIT_OK
+    if args.list_bugs:
+        print(bug_listing(), end="")
         return EXIT_OK
     try:
         return run(args)

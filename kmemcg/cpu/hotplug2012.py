@@ -109,7 +109,9 @@ class CpuHotplug2012(Hotplug):
                     + "\n" + held_locks(task)
                     + "\nCall Trace:\n" + format_stack(k.stacks.capture(2)))
 
-        k.findings.report(F.HOTPLUG_REFCOUNT, title, f"put_online_cpus@{site[2]}", text,
+        # One signature: once the count is off, every later put at zero trips the same BUG_ON;
+        # the first caller (in the text) is the one to look at.
+        k.findings.report(F.HOTPLUG_REFCOUNT, title, "cpu_hotplug.refcount", text,
                           thread=task.name, extra={"refcount": count})
 
     # ------------------------------------------------------------------ writer

@@ -1,0 +1,293 @@
+"""The stress drivers' shared world and the roles its threads play.
+
+The drivers behave like correct kernel users: a cache is destroyed only by its owner, after
+every driver that was using it let go and every object it handed out was freed. So on a fixed
+kernel no finding can come from the drivers themselves; any finding is the kernel model's.
+
+Driver-side bookkeeping uses plain ``threading`` locks on purpose: it is the test harness, not
+the kernel, and must not add lock classes or dependencies to lockdep's graph.
+
+Roles (each driver thread plays one; ``--mix`` weights them):
+
+=============  ==========================================================================
+allocator      alloc / free on live root caches (frees of objects other threads allocated),
+               migration between CPUs
+root_churn     create a cache (often merging into an existing one), use it, free all,
+               destroy; sometimes a SLAB_TYPESAFE_BY_RCU cache
+rcu_reader     SLAB_TYPESAFE_BY_RCU lookups: find under rcu_read_lock, lock, revalidate
+rcu_writer     insert / delete objects in the TYPESAFE tables; synchronize / barrier
+shrinker       kmem_cache_shrink on live caches
+hotplug        cpu_down / cpu_up
+=============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kmemcg import Kernel
+from kmemcg.core.kasan import KasanOops
+from kmemcg.mm.slub import SLAB_ACCOUNT, SLAB_HWCACHE_ALIGN, SLAB_TYPESAFE_BY_RCU
+from kmemcg.mm.typesafe import TypesafeTable, typesafe_delete, typesafe_insert, typesafe_lookup
+
+SIZES = (32, 64, 96, 128, 192, 256)  # few sizes: creations often merge
+TYPESAFE_SIZES = (512, 1024)
+NAMES = ("dentry", "inode", "filp", "buffer_head", "sock", "task_struct", "vm_area", "anon_vma")
+MAX_LIVE = 12
+MAX_OBJS = 64
+KEYS = 32
+
+
+@dataclass
+class Entry:
+    """One kmem_cache_create() a driver made: the cache it got (maybe an alias), who uses it,
+    and the objects allocated from it that are not freed yet."""
+
+    cache: Any
+    typesafe: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+    dying: bool = False
+    objs: list[Any] = field(default_factory=list)
+    table: TypesafeTable | None = None
+    keys: set[int] = field(default_factory=set)  # published in ``table``
+    busy: set[int] = field(default_factory=set)  # keys a writer is working on
+
+
+class World:
+    def __init__(self, k: Kernel, seed: int) -> None:
+        self.k = k
+        self.seed = seed
+        self.lock = threading.Lock()
+        self.entries: list[Entry] = []
+        self.stop = threading.Event()
+
+    # -- the owner protocol ------------------------------------------------------------------
+    def grab(self, rng: random.Random, typesafe: bool | None = None) -> Entry | None:
+        with self.lock:
+            live = [e for e in self.entries
+                    if not e.dying and (typesafe is None or e.typesafe == typesafe)]
+            if not live:
+                return None
+            e = rng.choice(live)
+            e.users += 1
+            return e
+
+    def put(self, e: Entry) -> None:
+        with self.lock:
+            e.users -= 1
+
+    def retire(self, e: Entry) -> bool:
+        """Mark ``e`` dying and wait until nobody uses it (bounded: the run may be stopping)."""
+        with self.lock:
+            e.dying = True
+        for _ in range(2000):
+            with self.lock:
+                if e.users == 0:
+                    self.entries.remove(e)
+                    return True
+            if self.stop.wait(0.001):
+                break
+        return False
+
+
+# ------------------------------------------------------------------------ role operations
+Op = Callable[[World, random.Random, Counter], None]
+
+
+def op_allocator(w: World, rng: random.Random, ops: Counter) -> None:
+    e = w.grab(rng, typesafe=False)
+    if e is None:
+        return
+    sl = w.k.slab
+    try:
+        if rng.random() < 0.55 and len(e.objs) < MAX_OBJS:
+            obj = sl.kmem_cache_alloc(e.cache)
+            ops["alloc"] += 1
+            with e.lock:
+                e.objs.append(obj)
+        else:
+            with e.lock:
+                obj = e.objs.pop(rng.randrange(len(e.objs))) if e.objs else None
+            if obj is not None:  # very likely allocated by another thread
+                sl.kmem_cache_free(e.cache, obj)
+                ops["free"] += 1
+        if rng.random() < 0.05:
+            w.k.hotplug.migrate()
+            ops["migrate"] += 1
+    finally:
+        w.put(e)
+
+
+def op_root_churn(w: World, rng: random.Random, ops: Counter) -> None:
+    k, sl = w.k, w.k.slab
+    with w.lock:
+        n = len(w.entries)
+    if n < MAX_LIVE and (n < 3 or rng.random() < 0.5):
+        typesafe = rng.random() < 0.25
+        flags = SLAB_TYPESAFE_BY_RCU if typesafe else rng.choice(
+            (0, 0, SLAB_HWCACHE_ALIGN, SLAB_ACCOUNT))
+        # TYPESAFE caches get big objects: few per slab, so slabs empty (and their pages go
+        # back to the page allocator) often: that is where seed 003's bugs live.
+        size = rng.choice(TYPESAFE_SIZES if typesafe else SIZES)
+        s = sl.kmem_cache_create(rng.choice(NAMES), size, 0, flags)
+        ops["cache_create"] += 1
+        e = Entry(s, typesafe)
+        if typesafe:
+            e.table = TypesafeTable(k, f"table_{s.name}")
+        with w.lock:
+            w.entries.append(e)
+        return
+    with w.lock:
+        live = [e for e in w.entries if not e.dying]
+        e = rng.choice(live) if live else None
+        if e is not None:
+            e.dying = True  # ours to destroy
+    if e is None or not w.retire(e):
+        return
+    if e.table is not None:
+        for key in list(e.keys):
+            typesafe_delete(k, e.cache, e.table, key)
+    for obj in e.objs:
+        sl.kmem_cache_free(e.cache, obj)
+        ops["free"] += 1
+    e.objs.clear()
+    w.k.window("stress:before_destroy")
+    sl.kmem_cache_destroy(e.cache)
+    ops["cache_destroy"] += 1
+
+
+def op_rcu_reader(w: World, rng: random.Random, ops: Counter) -> None:
+    e = w.grab(rng, typesafe=True)
+    if e is None:
+        return
+    try:
+        key = rng.randrange(KEYS)
+        obj = typesafe_lookup(w.k, e.table, key)
+        ops["rcu_lookup"] += 1
+        if obj is not None:
+            try:
+                assert obj.key == key
+            finally:
+                obj.lock.unlock()
+    finally:
+        w.put(e)
+
+
+def op_rcu_writer(w: World, rng: random.Random, ops: Counter) -> None:
+    r = rng.random()
+    if r < 0.1:
+        w.k.rcu.synchronize()
+        ops["rcu_sync"] += 1
+        return
+    if r < 0.15:
+        w.k.rcu.barrier()
+        ops["rcu_barrier"] += 1
+        return
+    e = w.grab(rng, typesafe=True)
+    if e is None:
+        return
+    try:
+        key = rng.randrange(KEYS)
+        with e.lock:  # claim the key: one writer per key at a time
+            if key in e.busy:
+                return
+            e.busy.add(key)
+            present = key in e.keys
+        try:
+            if present:
+                typesafe_delete(w.k, e.cache, e.table, key)
+                with e.lock:
+                    e.keys.discard(key)
+                ops["free"] += 1
+            else:
+                typesafe_insert(w.k, e.cache, e.table, key, payload=rng.random())
+                with e.lock:
+                    e.keys.add(key)
+                ops["alloc"] += 1
+        finally:
+            with e.lock:
+                e.busy.discard(key)
+    finally:
+        w.put(e)
+
+
+def op_shrinker(w: World, rng: random.Random, ops: Counter) -> None:
+    e = w.grab(rng)
+    if e is None:
+        return
+    try:
+        w.k.slab.kmem_cache_shrink(e.cache)
+        ops["cache_shrink"] += 1
+    finally:
+        w.put(e)
+    w.stop.wait(0.002)
+
+
+def op_hotplug(w: World, rng: random.Random, ops: Counter) -> None:
+    hp = w.k.hotplug
+    cpu = rng.randrange(1, hp.nr_cpus) if hp.nr_cpus > 1 else 0
+    if cpu == 0:
+        w.stop.wait(0.01)
+        return
+    rc = hp.cpu_down(cpu) if hp.cpu_online(cpu) else hp.cpu_up(cpu)
+    if rc == 0:
+        ops["cpu_hotplug"] += 1
+    w.stop.wait(0.002)
+
+
+ROLES: dict[str, Op] = {
+    "allocator": op_allocator,
+    "root_churn": op_root_churn,
+    "rcu_reader": op_rcu_reader,
+    "rcu_writer": op_rcu_writer,
+    "shrinker": op_shrinker,
+    "hotplug": op_hotplug,
+}
+
+WORKLOADS: dict[str, dict[str, float]] = {
+    "default": {"allocator": 40, "root_churn": 12, "rcu_reader": 20, "rcu_writer": 12,
+                "shrinker": 8, "hotplug": 4},
+    "churn": {"allocator": 30, "root_churn": 40, "rcu_writer": 10, "rcu_reader": 10,
+              "shrinker": 5, "hotplug": 5},
+    "rcu": {"rcu_reader": 50, "rcu_writer": 30, "root_churn": 15, "hotplug": 5},
+    "hotplug": {"allocator": 40, "root_churn": 20, "rcu_writer": 10, "shrinker": 10,
+                "hotplug": 20},
+}
+
+
+def assign_roles(mix: dict[str, float], threads: int) -> list[str]:
+    """Split ``threads`` over the roles by weight (largest remainders); every role with a
+    positive weight gets at least one thread when there are enough threads."""
+    roles = [r for r, wgt in mix.items() if wgt > 0]
+    total = sum(mix[r] for r in roles)
+    quota = {r: threads * mix[r] / total for r in roles}
+    n = {r: int(q) for r, q in quota.items()}
+    if threads >= len(roles):
+        for r in roles:
+            n[r] = max(n[r], 1)
+    while sum(n.values()) > threads:
+        r = max(n, key=lambda x: n[x])
+        n[r] -= 1
+    for r in sorted(roles, key=lambda x: quota[x] - int(quota[x]), reverse=True):
+        if sum(n.values()) >= threads:
+            break
+        n[r] += 1
+    out = [r for r in roles for _ in range(n[r])]
+    return out[:threads]
+
+
+def run_role(w: World, role: str, rng: random.Random, ops: Counter) -> None:
+    """A driver thread's loop. An oops (KASAN) ends the operation, not the driver, as the
+    kernel goes on after an oops in one task; it is counted."""
+    op = ROLES[role]
+    while not w.stop.is_set():
+        try:
+            op(w, rng, ops)
+        except KasanOops:
+            ops["oops"] += 1
