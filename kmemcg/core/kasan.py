@@ -119,7 +119,7 @@ def _report_access(obj: Any, attr: str, rw: str) -> None:
         # The memory went back to the page allocator and another cache owns it now: a reader
         # (typically under rcu_read_lock()) is looking at another type's object.
         kind = F.KASAN_TYPE_CONFUSION
-        sig = f"{info.owner}->{info.reused_by}@{func}"
+        sig = f"{cls_name}.{attr}@{func}"  # the access site; which caches varies by run
         tail = (f"\nType confusion: the slab page was freed and reused by cache "
                 f"{info.reused_by}\n (was the page freed before a grace period ended?)\n")
         if task.rcu_nesting:
