@@ -33,7 +33,8 @@ _now = time.perf_counter_ns
 class RWSem(LockdepMap):
     """``k.rwsem("name")``: down_read / up_read / down_write / up_write."""
 
-    __slots__ = ("_cond", "_writer", "_readers", "_wwait", "_wstat", "_rstat", "_t_w", "_t_r")
+    __slots__ = ("_cond", "_writer", "_readers", "_wwait", "_rwait", "_rturn", "_wstat",
+                 "_rstat", "_t_w", "_t_r")
     kind = "rwsem"
 
     def __init__(self, kernel: Kernel, name: str) -> None:
@@ -41,7 +42,9 @@ class RWSem(LockdepMap):
         self._cond = threading.Condition(kernel.raw_lock())
         self._writer: Task | None = None
         self._readers: dict[Task, int] = {}
-        self._wwait = 0
+        self._wwait = 0  # writers waiting: new readers queue behind them
+        self._rwait = 0  # readers waiting
+        self._rturn = False  # a writer left while readers waited: they go before any writer
         self._wstat = LockStat()
         self._rstat = LockStat()
         self._t_w = 0
@@ -92,6 +95,10 @@ class RWSem(LockdepMap):
                 with cond:
                     if write:
                         self._wwait -= 1
+                    else:
+                        self._rwait -= 1
+                        if not self._rwait:
+                            self._rturn = False
                 if ld is not None:
                     ld.drop(task, self)
                 raise
@@ -113,10 +120,15 @@ class RWSem(LockdepMap):
             d("lock_acquired", task, self)
 
     def _take(self, task: Task, write: bool, queue: bool = False) -> bool:
-        """Caller holds ``_cond``. Take the rwsem if free for this mode; when ``queue`` and it
-        is not, register a waiting writer (so new readers queue behind it)."""
+        """Caller holds ``_cond``. Take the rwsem if free for this mode. ``queue`` is the first
+        attempt: on failure the task is counted as a waiter of its mode.
+
+        Fairness, as the kernel's wait queue gives: a waiting writer holds back new readers
+        (writer preference), and a writer that leaves while readers wait hands the rwsem to
+        those readers (``_rturn``) before any writer, so a writer retaking it at once cannot
+        starve them."""
         if write:
-            if self._writer is None and not self._readers:
+            if self._writer is None and not self._readers and not self._rturn:
                 self._writer = task
                 if not queue:
                     self._wwait -= 1
@@ -124,9 +136,15 @@ class RWSem(LockdepMap):
             if queue:
                 self._wwait += 1
             return False
-        if self._writer is None and not self._wwait:
+        if self._writer is None and (not self._wwait or self._rturn):
             self._readers[task] = self._readers.get(task, 0) + 1
+            if not queue:
+                self._rwait -= 1
+                if not self._rwait:
+                    self._rturn = False
             return True
+        if queue:
+            self._rwait += 1
         return False
 
     def _release(self, write: bool) -> None:
@@ -147,6 +165,8 @@ class RWSem(LockdepMap):
                 if k.lock_stat:
                     self._wstat.hold(_now() - self._t_w)
                 self._writer = None
+                if self._rwait:
+                    self._rturn = True
             else:
                 if k.lock_stat:
                     t = self._t_r.pop(task, None)
@@ -186,7 +206,7 @@ class RWSem(LockdepMap):
         task = k.current()
         with self._cond:
             if write:
-                if self._writer is not None or self._readers:
+                if self._writer is not None or self._readers or self._rturn:
                     return False
                 self._writer = task
             else:

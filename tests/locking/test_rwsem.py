@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from kmemcg import Kernel
+from kmemcg import Instrument, Kernel
 from kmemcg.core import findings as F
 
 
@@ -286,3 +286,44 @@ def test_rwsem_without_lockdep() -> None:
             assert s.is_held_write()
         assert k.current().held == []
         assert len(k.findings) == 0
+
+
+def test_a_leaving_writer_hands_the_rwsem_to_the_readers_that_wait(kernel):
+    """The kernel's wait queue: when a writer leaves, the readers that were waiting go before
+    a writer that queued after them. Without the hand-off, writer preference would keep the
+    reader out for as long as writers keep coming (a writer retaking it at once starved
+    readers)."""
+    k = kernel
+    s = k.rwsem("fair_rwsem")
+    contended = {}
+
+    class Seen(Instrument):
+        def on_event(self, point, label, task, obj):
+            if point == "lock_contended" and label == "fair_rwsem":
+                contended[task.comm].set()
+
+    contended["reader"] = threading.Event()
+    contended["writer2"] = threading.Event()
+    k.add_instrument(Seen())
+    order = []
+
+    def reader():
+        s.down_read()
+        order.append("reader")
+        s.up_read()
+
+    def writer2():
+        s.down_write()
+        order.append("writer2")
+        s.up_write()
+
+    s.down_write()
+    r = k.kthread_run(reader, name="reader")
+    assert contended["reader"].wait(10)
+    w = k.kthread_run(writer2, name="writer2")
+    assert contended["writer2"].wait(10)  # both queued: the reader first
+    s.up_write()
+    r.join(10)
+    w.join(10)
+    assert order == ["reader", "writer2"]
+    assert not k.findings.snapshot()
