@@ -42,8 +42,11 @@ CATALOG: tuple[Bug, ...] = (
         (),
         "A put_online_cpus() without its get drops cpu_hotplug.refcount below the readers that "
         "are really inside; a hotplug writer then gets in while a reader runs, and with bug 1 "
-        "the ABBA becomes a real deadlock.",
-        (F.HOTPLUG_REFCOUNT, F.REAL_DEADLOCK),
+        "the ABBA becomes a real deadlock (a writer that finds the count negative sleeps "
+        "forever: a hung task). With the 2012 hotplug lock (preset v3.6, or hotplug='2012') "
+        "the underflow is Srivatsa's BUG_ON; with the percpu-rwsem lock it is an unbalanced "
+        "cpus_read_unlock(), lockdep's bad unlock balance.",
+        (F.HOTPLUG_REFCOUNT, F.BAD_UNLOCK, F.REAL_DEADLOCK, F.HUNG_TASK),
         "any task: extra put (refcount 0 -> -1, finding); D: get (-1 -> 0!), slab_mutex, "
         "rcu_barrier -> cpu_hotplug.lock; H: cpu_up sees refcount 0, holds cpu_hotplug.lock, "
         "notifier -> slab_mutex: real ABBA.", None),
@@ -65,8 +68,10 @@ CATALOG: tuple[Bug, ...] = (
     Bug(5, "alias_race", "v3.16-v3.18 (Dec 2014)", "linux-mm, Dec 2014", ("v3.16",),
         "kmem_cache_destroy() drops slab_mutex after the alias count reached zero while the "
         "cache is still on slab_caches; a concurrent kmem_cache_create() merges into it "
-        "(alias count back to 1) and destroy then frees it under the new user.",
-        (F.KASAN_UAF,),
+        "(alias count back to 1) and destroy then frees it under the new user. Other "
+        "outcomes of the same race: the destroyer finds the new user's objects (\"Slab cache "
+        "still has objects\") or both destroyers unlink it (list_del corruption).",
+        (F.KASAN_UAF, F.SLAB_CACHE_NOT_EMPTY, F.ASSERTION),
         "D: alias 1 -> 0, drops slab_mutex; C: kmem_cache_create merges (alias 0 -> 1); D: "
         "relocks, shuts down, frees; C: kmem_cache_alloc -> use-after-free.",
         "kmem_cache_destroy:slab_mutex_dropped"),

@@ -29,6 +29,7 @@ from kmemcg.catalog import BY_NAME, CATALOG
 
 HOTPLUG_2012 = "2012"
 HOTPLUG_PERCPU_RWSEM = "percpu_rwsem"
+HOTPLUG_DESIGNS = (HOTPLUG_2012, HOTPLUG_PERCPU_RWSEM)
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,14 @@ class Config:
         p = PRESETS.get(preset)
         if p is None:
             raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        if isinstance(bugs, str):  # bugs="alias_race": one name, not its characters
+            bugs = (bugs,)
         for b in bugs:
             if b not in BUG_NAMES:
-                raise ConfigError(f"unknown bug {b!r} (see --list-bugs)")
+                raise ConfigError(f"unknown bug {b!r} (known bugs: {', '.join(BUG_NAMES)})")
+        if hotplug is not None and hotplug not in HOTPLUG_DESIGNS:
+            raise ConfigError(f"unknown hotplug design {hotplug!r} (choose from "
+                              f"{', '.join(HOTPLUG_DESIGNS)})")
         return cls(preset, p.bugs | frozenset(bugs), hotplug or p.hotplug)
 
     def bug(self, name: str) -> bool:

@@ -59,6 +59,8 @@ class Kernel:
                  lock_stat: bool = False, rcu_flavor: str = "rcu", cpus: int = 4,
                  hotplug: str | None = None,
                  hung_task_timeout: float | None = None) -> None:
+        if isinstance(bugs, str):  # one bug name, not its characters
+            bugs = (bugs,)
         if not isinstance(config, Config):
             config = Config.make(config or "fixed", list(bugs), hotplug)
         elif bugs or hotplug:

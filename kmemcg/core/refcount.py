@@ -21,7 +21,9 @@ from kmemcg.core.stacks import format_stack
 if TYPE_CHECKING:
     from kmemcg.kernel import Kernel
 
-REFCOUNT_SATURATED = 0xC000_0000  # what refcount_warn_saturate() leaves behind
+REFCOUNT_MAX = 0x7FFF_FFFF  # INT_MAX: one more and the kernel's int goes negative
+REFCOUNT_SATURATED = 0xC000_0000  # INT_MIN / 2 as unsigned: what refcount_warn_saturate()
+# leaves behind. Any value above REFCOUNT_MAX stands for the kernel's negative counter.
 
 ADD_UAF = "addition on 0; use-after-free."
 UNDERFLOW = "underflow; use-after-free."
@@ -52,7 +54,7 @@ class Refcount:
         """refcount_inc(): raising a zero count is a use-after-free."""
         with self._lock:
             v = self._v
-            if v == 0 or v >= REFCOUNT_SATURATED:
+            if v == 0 or v >= REFCOUNT_MAX:  # old == 0, old < 0 or old + 1 < 0
                 self._v = REFCOUNT_SATURATED
                 bad = ADD_UAF if v == 0 else ADD_OVF
             else:
@@ -61,14 +63,18 @@ class Refcount:
         self._warn(bad)
 
     def inc_not_zero(self) -> bool:
-        """refcount_inc_not_zero(): a tryget; False once the count reached zero."""
+        """refcount_inc_not_zero(): a tryget; False once the count reached zero. Raising it
+        past REFCOUNT_MAX saturates it (and WARNs) but still succeeds."""
         with self._lock:
             v = self._v
             if v == 0:
                 return False
-            if v < REFCOUNT_SATURATED:
+            if v < REFCOUNT_MAX:
                 self._v = v + 1
-            return True
+                return True
+            self._v = REFCOUNT_SATURATED  # old < 0 or old + 1 < 0: as refcount_inc()
+        self._warn(ADD_OVF)
+        return True
 
     def dec_and_test(self) -> bool:
         """refcount_dec_and_test(): True when this call dropped the last reference."""
@@ -86,18 +92,18 @@ class Refcount:
         return False
 
     def dec(self) -> None:
-        """refcount_dec(): must not drop the last reference (that would leak the object)."""
+        """refcount_dec(): must not drop the last reference (that would leak the object).
+        As __refcount_dec(): an old value <= 1 (0 included) saturates the counter and WARNs
+        "decrement hit 0; leaking memory." (the object is never freed)."""
         with self._lock:
             v = self._v
             if v >= REFCOUNT_SATURATED:
                 return
-            if v <= 1:
-                self._v = REFCOUNT_SATURATED if v == 0 else 0
-                bad = UNDERFLOW if v == 0 else DEC_LEAK
-            else:
+            if v > 1:
                 self._v = v - 1
                 return
-        self._warn(bad)
+            self._v = REFCOUNT_SATURATED
+        self._warn(DEC_LEAK)
 
     def _warn(self, what: str) -> None:
         """refcount_warn_saturate(): the "cut here" WARNING."""

@@ -21,6 +21,8 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kmemcg.core.kasan import KasanOops
+
 if TYPE_CHECKING:
     from kmemcg.kernel import Kernel
 
@@ -133,7 +135,8 @@ class KThread(threading.Thread):
     """A model thread (kthread_run). Daemon, so a deadlocked one never keeps the process alive.
 
     An exception escaping ``fn`` is a finding (the kernel would oops); KernelTornDown ends the
-    thread quietly. At the end the task's exit checks run (locks still held, RCU section open).
+    thread quietly, and so does a KasanOops (KASAN's report was the oops: no second finding).
+    At the end the task's exit checks run (locks still held, RCU section open).
     """
 
     def __init__(self, kernel: Kernel, fn: Callable[..., Any], args: tuple, name: str,
@@ -154,6 +157,8 @@ class KThread(threading.Thread):
             self.result = self._fn(*self._args)
         except KernelTornDown:
             pass
+        except KasanOops as e:
+            self.exception = e  # KASAN reported it already (that report is the oops)
         except BaseException as e:  # noqa: BLE001 - reported as the kernel would oops
             self.exception = e
             (self._on_exception or k._kthread_died)(task, e)

@@ -18,6 +18,10 @@ Bug switches restored here, each at the point its fix changed:
   find_mergeable() can hand it to a concurrent kmem_cache_create().
 * ``put_online_cpus_imbalance`` (seed 004): a leaking put_online_cpus(). The seed thread never
   found the leaking caller; the model puts it on kmem_cache_shrink()'s way out.
+
+Unlinking a cache from slab_caches is checked as CONFIG_DEBUG_LIST does: a second unlink (two
+destroyers of one cache, which the alias race allows) is reported as "list_del corruption"
+(an ASSERTION finding) and skipped.
 """
 
 from __future__ import annotations
@@ -150,10 +154,10 @@ class SlabCommon:
                     s.alias_count += 1  # the model lets the owner free its objects and retry
                     self._report_busy(s, busy)
                     return
-                self.slab_caches.remove(s)
-                s.on_list = False
+                if not self._list_del(s):
+                    return  # another destroyer unlinked it (alias race): its job now
                 if cfg.bug("destroy_rcu_barrier_under_slab_mutex"):
-                    if s.typesafe:
+                    if s.typesafe and not cfg.bug("destroy_without_rcu_barrier"):
                         k.rcu.barrier()  # v3.6: under slab_mutex
                 else:
                     self.slab_mutex.unlock()  # 210ed9defffc: unlock before rcu_barrier()
@@ -168,6 +172,27 @@ class SlabCommon:
                     self.slab_mutex.unlock()
         finally:
             hp.put_online_cpus()
+
+    def _list_del(self, s: KmemCache) -> bool:
+        """list_del(&s->list) under slab_mutex, checked as CONFIG_DEBUG_LIST does: a cache
+        that is no longer on slab_caches (two destroyers of one cache, which the alias race
+        allows) is "list_del corruption", reported, and the deletion skipped (the kernel's
+        CHECK_DATA_CORRUPTION). Returns whether it was on the list."""
+        if s.on_list:
+            self.slab_caches.remove(s)
+            s.on_list = False
+            return True
+        k = self._k
+        task = k.current()
+        title = f"WARNING: list_del corruption: kmem_cache {s.name} is not on slab_caches"
+        stack = k.stacks.capture(2)
+        k.findings.report(
+            F.ASSERTION, title, "list_del:slab_caches",
+            lambda: (banner(title, k) + f"list_del corruption, {s!r}->next is LIST_POISON1 "
+                     "(dead000000000100): the cache was unlinked already\nCall Trace:\n"
+                     + format_stack(stack)),
+            thread=task.name, extra={"cache": s.name})
+        return False
 
     def _report_busy(self, s: KmemCache, busy: list) -> None:
         k = self._k
@@ -225,9 +250,10 @@ class SlabCommon:
                "# name            <active_objs> <num_objs> <objsize> <objperslab> "
                "<pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata "
                "<active_slabs> <num_slabs> <sharedavail>\n"]
-        for s in self.caches():
-            active, total, slabs = self.slub.counts(s)
-            out.append(f"{s.name:<17} {active:>6} {total:>6} {s.size:>6} "
-                       f"{s.objects_per_slab:>4} {1:>4} : tunables {0:>4} {0:>4} {0:>4} "
-                       f": slabdata {slabs:>6} {slabs:>6} {0:>6}\n")
+        with self.slab_mutex:  # slab_start()/slab_stop(): no cache can be destroyed meanwhile
+            for s in self.slab_caches:
+                active, total, slabs = self.slub.counts(s)
+                out.append(f"{s.name:<17} {active:>6} {total:>6} {s.size:>6} "
+                           f"{s.objects_per_slab:>4} {1:>4} : tunables {0:>4} {0:>4} "
+                           f"{0:>4} : slabdata {slabs:>6} {slabs:>6} {0:>6}\n")
         return "".join(out)

@@ -3,9 +3,10 @@ flush, shrink and shutdown, and SLAB_TYPESAFE_BY_RCU page freeing.
 
 Structures as in SLUB: each cache has one ``kmem_cache_cpu`` per possible CPU (the *cpu slab*:
 a frozen page whose free objects sit on the per-CPU freelist) and one node with a partial list.
-Allocation pops the current CPU's freelist, refilling it from a partial slab or a new page;
-a free on the CPU that owns the slab goes back to the per-CPU freelist, any other free to the
-page's freelist under ``list_lock``. Empty slabs beyond ``min_partial`` are discarded; for a
+Allocation pops the current CPU's freelist, refilling it from the remote frees that reached the
+cpu slab's own page, else from a partial slab or a new page; a free on the CPU that owns the
+slab goes back to the per-CPU freelist, any other free to the page's freelist under
+``list_lock``. Empty slabs beyond ``min_partial`` are discarded; for a
 SLAB_TYPESAFE_BY_RCU cache the page goes back to the page allocator one grace period later
 (``call_rcu(rcu_free_slab)``), so an object reached under rcu_read_lock() keeps its type.
 
@@ -18,6 +19,8 @@ disabled preemption); ``min_partial`` is 0 by default so that empty slabs go bac
 allocator at once (the lifecycle bugs this model hunts live there); every allocation of a
 non-TYPESAFE cache hands out a fresh Python object for the slot, so a stale pointer to a freed
 object stays poisoned even after the slot is reused (KASAN with an unbounded quarantine).
+Nothing pins a task to its CPU, so the refill path re-checks under the per-CPU lock that the
+CPU is still online (a slab frozen on a CPU after its CPU_DEAD flush would never be flushed).
 """
 
 from __future__ import annotations
@@ -180,13 +183,23 @@ class Slub:
         new slab when empty (___slab_alloc)."""
         k = self._k
         task = k.current()
-        cpu = k.hotplug.this_cpu(task)
-        c = s.cpu_slab[cpu]
-        with c.lock:
-            if not c.freelist:
-                self._refill(s, c, cpu)
-            idx = c.freelist.pop()
-            page = c.page
+        hp = k.hotplug
+        while True:
+            cpu = hp.this_cpu(task)
+            c = s.cpu_slab[cpu]
+            with c.lock:
+                if not c.freelist:
+                    if not hp.cpu_online(cpu):
+                        # The CPU went down after this_cpu() (nothing pins a task to its
+                        # CPU here): its CPU_DEAD flush may have run already, and a slab
+                        # frozen now would stay on a dead CPU where no flush_all() looks.
+                        # Checked under c.lock: the mask changes before that flush, which
+                        # takes c.lock, so "online" here means the flush comes after us.
+                        continue
+                    self._refill(s, c, cpu)
+                idx = c.freelist.pop()
+                page = c.page
+            break
         if s.typesafe:
             obj = page.objects[idx]
         else:
@@ -198,21 +211,29 @@ class Slub:
         return obj
 
     def _refill(self, s: KmemCache, c: KmemCacheCpu, cpu: int) -> None:
-        """Caller holds ``c.lock``. Unfreeze the exhausted cpu slab, freeze a partial slab or a
-        new one, move its free objects onto the per-CPU freelist."""
+        """Caller holds ``c.lock`` and the per-CPU freelist is empty. As ___slab_alloc():
+        first take the remote frees that reached the cpu slab's own page (get_freelist());
+        else unfreeze the exhausted cpu slab and freeze a partial slab or a new one, moving
+        its free objects onto the per-CPU freelist."""
         old = c.page
-        page = None
         with s.list_lock:
             if old is not None:
+                if old.free:  # remote frees arrived meanwhile: keep this cpu slab
+                    c.freelist, old.free = old.free, []
+                    return
                 old.frozen_cpu = None  # full: off every list until an object is freed
-                if old.free and not old.on_partial:  # remote frees arrived meanwhile
-                    self._add_partial(s, old)
             if s.partial:
                 page = s.partial.pop()
                 page.on_partial = False
                 s.nr_partial -= 1
-        if page is None:
-            page = self.allocate_slab(s)
+                # Frozen in the same list_lock section that took it off the partial list: in
+                # between, a remote free would find it unfrozen and on no list and could
+                # discard it (its last object freed) while we make it our cpu slab.
+                page.frozen_cpu = cpu
+                c.freelist, page.free = page.free, []
+                c.page = page
+                return
+        page = self.allocate_slab(s)  # no object of it is out yet: no remote free can race
         with s.list_lock:
             page.frozen_cpu = cpu
             c.freelist, page.free = page.free, []

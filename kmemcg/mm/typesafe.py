@@ -55,9 +55,13 @@ def typesafe_lookup(k: Kernel, table: TypesafeTable, key: Any) -> SlabObject | N
                 return None
             k.window("typesafe_lookup:found")  # the object may be freed and reused here
             obj.lock.lock()
-        if obj.allocated and obj.key == key:
-            return obj
-        obj.lock.unlock()  # freed, or now another object of the cache: look again
+            # Revalidate before rcu_read_unlock(): holding its lock does not keep a *free*
+            # object's memory alive (a grace period after we leave, its empty slab page may
+            # go back to the page allocator). Once it is found allocated with our key it is
+            # pinned: deleting it needs the lock we hold.
+            if obj.allocated and obj.key == key:
+                return obj
+            obj.lock.unlock()  # freed, or now another object of the cache: look again
     return None
 
 

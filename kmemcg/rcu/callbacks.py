@@ -6,7 +6,8 @@ simulated CPU. Each queue has one callback thread, started on its first callback
 takes the whole queue, waits for ONE grace period (``synchronize()``, so concurrent queues and
 updaters share it), then runs the batch in FIFO order: a callback never runs before a grace
 period that began after it was queued. An exception in a callback is a finding
-(CALLBACK_EXCEPTION, with its traceback); the thread goes on with the next callback.
+(CALLBACK_EXCEPTION, with its traceback), except a KasanOops, which KASAN reported already; the
+thread goes on with the next callback.
 
 rcu_barrier() appends one completion callback to every queue that has ever been used and waits
 until all of them ran: FIFO order per queue means every callback queued before the barrier ran
@@ -35,6 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kmemcg.core import findings as F
+from kmemcg.core.kasan import KasanOops
 from kmemcg.core.report import banner
 from kmemcg.core.stacks import format_stack
 from kmemcg.core.task import KernelTornDown
@@ -142,6 +144,8 @@ class CallRCU:
                     fn(*args)
                 except KernelTornDown:
                     raise
+                except KasanOops:
+                    q.errors += 1  # KASAN already reported it (its oops): no second finding
                 except Exception as e:  # noqa: BLE001 - a finding; the thread survives
                     q.errors += 1
                     self._report(q, fn, e)

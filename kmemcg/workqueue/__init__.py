@@ -30,8 +30,9 @@ Differences from the kernel:
 * Start-of-flush lockdep follows the 3.x kernels (work map only when pending or running; no
   read acquisition of the workqueue map when max_active > 1).
 * An exception escaping a work function is a finding (the kernel would oops); the worker
-  survives. A work that returns with locks held or inside an RCU read-side section is the
-  kernel's "BUG: workqueue leaked lock or atomic".
+  survives. A KasanOops is not reported again: KASAN's report is the oops. A work that
+  returns with locks held or inside an RCU read-side section is the kernel's "BUG: workqueue
+  leaked lock or atomic".
 * queue_work() on a draining workqueue from outside it, or on a destroyed one, is a finding
   and returns False (the kernel WARNs, or uses freed memory).
 

@@ -9,6 +9,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 from kmemcg.core import findings as F
+from kmemcg.core.kasan import KasanOops
 from kmemcg.core.report import banner, held_locks
 from kmemcg.core.stacks import format_stack
 from kmemcg.core.task import KernelTornDown
@@ -103,6 +104,8 @@ class Workqueues:
             work.func(*work.args)
         except KernelTornDown:
             raise
+        except KasanOops:
+            pass  # KASAN reported it already (the oops): no second finding
         except Exception as e:  # noqa: BLE001 - reported as the kernel would oops
             self._report_exception(task, work, wq, e)
         if len(task.held) != depth + 2 or task.rcu_nesting != rcu:

@@ -1,0 +1,124 @@
+"""Stress benchmark: prints figures, asserts nothing. Each figure runs ``python -m stress`` in a
+subprocess with ``--json``.
+
+    python benchmarks/bench_stress.py [--quick] [--only throughput,scaling,rss,detect]
+
+Figures (issue 6 targets in brackets):
+  * throughput with every checker on vs off (lockdep, KASAN)              [>= 0.5]
+  * throughput with 64 threads vs 8                                       [>= 0.8]
+  * RSS growth between 10 s and 60 s of a 64-thread run                   [<= 10 %]
+  * time to detect each catalog bug with default flags, median of 5 seeds [<= 5 s, all <= 60 s]
+    and how --perturb off / heavy change it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kmemcg.catalog import CATALOG  # noqa: E402
+
+
+def stress(*args: str, timeout: float = 200) -> dict:
+    r = subprocess.run([sys.executable, "-m", "stress", "--json", "--quiet", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode not in (0, 1, 3):
+        raise RuntimeError(f"stress {' '.join(args)} exited {r.returncode}: {r.stderr[-400:]}")
+    return json.loads(r.stdout)
+
+
+def throughput(dur: float) -> None:
+    on = stress("--threads", "64", "--duration", str(dur), "--seed", "1")
+    off = stress("--threads", "64", "--duration", str(dur), "--seed", "1", "--no-lockdep",
+                 "--no-kasan")
+    print(f"throughput, 64 threads, {dur:.0f} s: checkers on {on['ops_per_s']:.0f} ops/s, "
+          f"off {off['ops_per_s']:.0f} ops/s -> ratio {on['ops_per_s'] / off['ops_per_s']:.2f}"
+          " [target >= 0.5]")
+
+
+def scaling(dur: float) -> None:
+    r64 = stress("--threads", "64", "--duration", str(dur), "--seed", "2")
+    r8 = stress("--threads", "8", "--duration", str(dur), "--seed", "2")
+    print(f"scaling, {dur:.0f} s: 64 threads {r64['ops_per_s']:.0f} ops/s, 8 threads "
+          f"{r8['ops_per_s']:.0f} ops/s -> ratio {r64['ops_per_s'] / r8['ops_per_s']:.2f}"
+          " [target >= 0.8]")
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss(total: float) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "stress", "--threads", "64", "--duration",
+                          str(total), "--quiet", "--seed", "3"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    samples = {}
+    try:
+        for at in (10.0, total - 2):
+            time.sleep(max(0.0, t0 + at - time.monotonic()))
+            samples[at] = _rss_kib(p.pid)
+    finally:
+        p.wait(timeout=total + 60)
+    a, b = samples[10.0], samples[total - 2]
+    print(f"RSS at 10 s {a / 1024:.1f} MiB, at {total - 2:.0f} s {b / 1024:.1f} MiB -> growth "
+          f"{(b - a) / a * 100:+.1f} % [target <= 10 %]")
+
+
+def detect(seeds: int, limit: float, perturbs: list[str]) -> None:
+    print(f"\ntime to detect each catalog bug (switched on alone on the fixed preset), "
+          f"{seeds} seeds, --fail-fast, limit {limit:.0f} s:")
+    print(f"{'bug':<44}{'perturb':<9}{'median':>8}{'max':>8}  found  kinds")
+    for bug in CATALOG:
+        for perturb in perturbs:
+            times, kinds, found = [], set(), 0
+            for seed in range(seeds):
+                out = stress("--threads", "64", "--duration", str(limit), "--fail-fast",
+                             "--seed", str(100 + seed), "--bug", bug.name,
+                             "--perturb", perturb, timeout=limit + 120)
+                fs = out["findings"]
+                if fs:
+                    found += 1
+                    first = min(fs, key=lambda f: f["first_seen_s"])
+                    times.append(first["first_seen_s"])
+                    kinds |= {f["kind"] for f in fs}
+                else:
+                    times.append(float("inf"))
+            med = statistics.median(times)
+            print(f"{bug.name:<44}{perturb:<9}{med:>8.2f}{max(times):>8.2f}  {found}/{seeds}"
+                  f"  {', '.join(sorted(kinds))}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="shorter runs, 3 seeds")
+    ap.add_argument("--only", default="throughput,scaling,rss,detect")
+    a = ap.parse_args()
+    parts = set(a.only.split(","))
+    dur = 5.0 if a.quick else 10.0
+    t = time.monotonic()
+    if "throughput" in parts:
+        throughput(dur)
+    if "scaling" in parts:
+        scaling(dur)
+    if "rss" in parts:
+        rss(30.0 if a.quick else 60.0)
+    if "detect" in parts:
+        detect(3 if a.quick else 5, 60.0, ["light"] if a.quick else ["light", "off", "heavy"])
+    print(f"\n(total {time.monotonic() - t:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
