@@ -15,10 +15,11 @@ import time
 import traceback
 from collections import Counter
 
-from kmemcg import Instrument, Kernel
+from kmemcg import Kernel
 from kmemcg.catalog import listing as bug_listing
 from kmemcg.config import PRESETS, Config, ConfigError
 from kmemcg.core import findings as F
+from kmemcg.core.instrument import Perturb
 from stress import reporting
 from stress.world import ROLES, WORKLOADS, World, assign_roles, run_role
 
@@ -119,23 +120,6 @@ def parse_mix(text: str) -> dict[str, float]:
     if not any(mix.values()):
         raise UsageError("--mix gives every role weight 0")
     return mix
-
-
-class Perturb(Instrument):
-    """Widen race windows: at each named window, sleep a little with some probability. The
-    random stream is per task and derived from the run's seed."""
-
-    def __init__(self, seed: int, prob: float, longest: float) -> None:
-        self.seed, self.prob, self.longest = seed, prob, longest
-
-    def on_event(self, point: str, label: str, task, obj) -> None:
-        if point != "window":
-            return
-        rng = task.extra.get("perturb_rng")
-        if rng is None:
-            rng = task.extra["perturb_rng"] = random.Random(self.seed * 7919 + task.pid)
-        if rng.random() < self.prob:
-            time.sleep(rng.random() * self.longest)
 
 
 def run(args: argparse.Namespace) -> int:

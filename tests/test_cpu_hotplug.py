@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -22,19 +21,10 @@ from kmemcg.cpu import (
     for_each_online_cpu,
     on_each_cpu_cond,
 )
+from kmemcg.testing import wait_until
 
 WAIT = 5.0
 DESIGNS = ["2012", "percpu_rwsem"]
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
-    """Bounded poll for a state no Event announces (a task asleep in a wait)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture(params=DESIGNS)

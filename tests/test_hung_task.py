@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 from kmemcg import Kernel
 from kmemcg.core import findings as F
+from kmemcg.testing import wait_until
 from kmemcg.workqueue import Work, flush_work, queue_work
 
 WAIT = 5.0
 FAR = 1e6  # check(now=monotonic() + FAR): every blocked task is past any timeout
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
-    """Bounded poll for a state no Event announces (a task asleep in a wait)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def finding_event(k: Kernel, kind: str) -> threading.Event:

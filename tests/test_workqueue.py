@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 from kmemcg import Instrument, Kernel
 from kmemcg.core import findings as F
+from kmemcg.testing import wait_until
 from kmemcg.workqueue import (
     Work,
     cancel_work,
@@ -23,16 +23,6 @@ from kmemcg.workqueue import (
 )
 
 WAIT = 5.0
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
-    """Bounded poll for a state no Event announces (a task being blocked in a wait)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def gated_work(name: str = "gated") -> tuple[Work, threading.Event, threading.Event, list]:

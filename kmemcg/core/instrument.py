@@ -27,6 +27,7 @@ emits it. The *label* of an event is the lock's class name or the window's name.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -187,3 +188,21 @@ class Breakpoints(Instrument):
             else:
                 return
         bp._park(task, obj, task.kernel.is_dead)
+
+
+class Perturb(Instrument):
+    """Race-window perturbation: at each named window (``k.window(name)``) sleep up to
+    ``longest`` seconds with probability ``prob``. The random stream is per task and derived
+    from ``seed``, so a seed fixes every choice it makes (not the OS scheduler's)."""
+
+    def __init__(self, seed: int, prob: float, longest: float) -> None:
+        self.seed, self.prob, self.longest = seed, prob, longest
+
+    def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
+        if point != "window":
+            return
+        rng = task.extra.get("perturb_rng")
+        if rng is None:
+            rng = task.extra["perturb_rng"] = random.Random(self.seed * 7919 + task.pid)
+        if rng.random() < self.prob:
+            time.sleep(rng.random() * self.longest)

@@ -8,6 +8,7 @@ import time
 
 from kmemcg import Kernel
 from kmemcg.core import findings as F
+from kmemcg.testing import wait_until
 
 
 def wait_for_finding(k: Kernel, kind: str, timeout: float = 5.0) -> list:
@@ -57,7 +58,10 @@ def test_abba_real_deadlock_is_reported_and_torn_down() -> None:
         assert f"{t1.task.name} is blocked on (lock_B) held by {t2.task.name}" in f.text \
             or f"{t2.task.name} is blocked on (lock_A) held by {t1.task.name}" in f.text
         assert k.deadlocked
-        # a listener of the finding (e.g. a driver's deadlock exit) already sees the flag
+        # a listener of the finding (e.g. a driver's deadlock exit) already sees the flag;
+        # listeners run in the reporting thread just after the finding is logged
+        assert wait_until(lambda: any(kind == F.REAL_DEADLOCK
+                                      for kind, _ in deadlocked_when_reported))
         assert (F.REAL_DEADLOCK, True) in deadlocked_when_reported
         [circ] = k.findings.of_kind(F.CIRCULAR_LOCKING)
         assert sorted(circ.extra["classes"]) == ["lock_A", "lock_B"]

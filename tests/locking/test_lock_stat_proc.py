@@ -10,20 +10,11 @@ import time
 
 from kmemcg import Kernel
 from kmemcg.locking import lock_stat
+from kmemcg.testing import wait_until
 
 COLUMNS = ("con-bounces", "contentions", "waittime-min", "waittime-max", "waittime-total",
            "waittime-avg", "acq-bounces", "acquisitions", "holdtime-min", "holdtime-max",
            "holdtime-total", "holdtime-avg")
-
-
-def wait_until(pred, timeout: float = 5.0) -> bool:
-    """Bounded poll for state that has no event to wait on (e.g. ``task.blocked_on``)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 def rows(text: str) -> dict[str, dict[str, float]]:

@@ -9,16 +9,7 @@ import pytest
 
 from kmemcg import Kernel
 from kmemcg.core import findings as F
-
-
-def wait_until(pred, timeout: float = 5.0) -> bool:
-    """Bounded poll for state that has no event to wait on (e.g. ``task.blocked_on``)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
+from kmemcg.testing import wait_until
 
 
 def test_with_lock_unlock(kernel) -> None:

@@ -4,20 +4,10 @@ checks (bad unlock, non-recursive read side)."""
 from __future__ import annotations
 
 import threading
-import time
 
 from kmemcg import Instrument, Kernel
 from kmemcg.core import findings as F
-
-
-def wait_until(pred, timeout: float = 5.0) -> bool:
-    """Bounded poll for state that has no event to wait on (e.g. ``task.blocked_on``)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
+from kmemcg.testing import wait_until
 
 
 def test_context_managers_and_is_held(kernel) -> None:

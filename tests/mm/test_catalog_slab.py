@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 
-from kmemcg import Instrument, Kernel, Task
+from kmemcg import Kernel
 from kmemcg.catalog import BY_NAME
 from kmemcg.core import findings as F
+from kmemcg.core.instrument import Perturb
 from kmemcg.core.kasan import KasanOops
 from kmemcg.core.task import KThread
 from kmemcg.mm.slub import SLAB_TYPESAFE_BY_RCU, KmemCache
@@ -35,6 +36,7 @@ from kmemcg.mm.typesafe import (
     typesafe_insert,
     typesafe_lookup,
 )
+from kmemcg.testing import wait_until
 from kmemcg.workqueue import Work, flush_work, queue_work
 
 WAIT = 5.0  # bound for anything that should happen at once
@@ -69,15 +71,6 @@ def test_these_are_catalog_bugs_1_to_5_with_these_detectors() -> None:
 
 
 # ============================================================================= helpers
-
-def wait_until(pred: Callable[[], bool], timeout: float = WAIT) -> bool:
-    """Bounded poll for a state no Event announces (a task asleep in a wait)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def kinds(k: Kernel) -> list[str]:
@@ -462,22 +455,6 @@ def test_bug5_on_creator_allocates_from_the_freed_cache(kernels) -> None:
 
 # ============================================================================= randomized
 
-class Perturb(Instrument):
-    """Widen the race windows: at each named window sleep a little, sometimes (as the stress
-    CLI's --perturb does). The random stream is per task."""
-
-    def __init__(self, seed: int, prob: float = 0.5, longest: float = 0.002) -> None:
-        self.seed, self.prob, self.longest = seed, prob, longest
-
-    def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
-        if point != "window":
-            return
-        rng = task.extra.get("perturb_rng")
-        if rng is None:
-            rng = task.extra["perturb_rng"] = random.Random(self.seed * 7919 + task.pid)
-        if rng.random() < self.prob:
-            time.sleep(rng.random() * self.longest)
-
 
 NKEYS = 8
 PRIVATE_SIZES = (64, 96, 160, 192)  # 64 merges with the long-lived dentry cache
@@ -584,7 +561,7 @@ def run_world(k: Kernel, expected: tuple[str, ...], limit: float,
     ``limit`` seconds). Returns (seconds to detection or None, operations done, seed). The
     kernel is shut down on return, with every thread gone."""
     seed = random.SystemRandom().randrange(2**32)
-    k.add_instrument(Perturb(seed))
+    k.add_instrument(Perturb(seed, 0.5, 0.002))
     world = SlabWorld(k, nthreads, seed)
     hit = threading.Event()
     k.findings.add_listener(lambda f: hit.set() if f.kind in expected else None)
