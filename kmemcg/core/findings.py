@@ -139,10 +139,11 @@ class FindingLog:
         return f
 
     def _announce(self, f: Finding, listeners: list[Callable[[Finding], None]]) -> None:
-        # The title at WARNING (a run's live log), the full splat at DEBUG (dmesg).
+        # The title at WARNING (a run's live log); the full splat at TRACE, below loguru's
+        # default level, so a library user sees one line per finding (k.findings has the text).
         log = logger.bind(kernel=self._name, kind=f.kind)
         log.warning("{} [{}] {}", f.title, f.kind, f.signature)
-        log.debug("{}", f.text)
+        log.trace("{}", f.text)
         for cb in listeners:
             # Reports are made from inside the checkers (lockdep holds its graph lock, a lock
             # acquisition is half done): a listener's exception must not unwind through them.

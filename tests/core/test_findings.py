@@ -95,9 +95,9 @@ def test_snapshot_of_kind_getitem_clear(log: FindingLog) -> None:
 
 
 def test_findings_are_logged_through_loguru(log: FindingLog) -> None:
-    """The title at WARNING (a run's live log), the full text at DEBUG (dmesg)."""
+    """The title at WARNING (a run's live log), the full text at TRACE (dmesg)."""
     records = []
-    sink = logger.add(lambda m: records.append(m.record), level="DEBUG", format="{message}")
+    sink = logger.add(lambda m: records.append(m.record), level="TRACE", format="{message}")
     try:
         log.report(F.REFCOUNT, "refcount_t: underflow; use-after-free.", "rc:x",
                    "the {full} text", thread="t/1")
@@ -106,7 +106,7 @@ def test_findings_are_logged_through_loguru(log: FindingLog) -> None:
         logger.remove(sink)
     mine = [r for r in records if r["extra"].get("kernel") == "unit"]
     # a recurrence is counted, not logged
-    assert [r["level"].name for r in mine] == ["WARNING", "DEBUG"]
+    assert [r["level"].name for r in mine] == ["WARNING", "TRACE"]
     warn, debug = mine
     assert "refcount_t: underflow" in warn["message"]
     assert F.REFCOUNT in warn["message"] and "rc:x" in warn["message"]
