@@ -24,6 +24,10 @@ class Bug:
     detector: tuple[str, ...]  # finding kinds expected
     interleaving: str
     window: str | None  # the named race window, if the bug needs one
+    # The era's design the historical code path needs around it: a switch turned on over a
+    # preset of another design brings it along (e.g. rcu_barrier() taking the 2012 hotplug
+    # lock, without which holding slab_mutex across it is no inversion at all).
+    requires_hotplug: str | None = None
 
 
 CATALOG: tuple[Bug, ...] = (
@@ -37,7 +41,8 @@ CATALOG: tuple[Bug, ...] = (
         (F.CIRCULAR_LOCKING,),
         "D: get_online_cpus; slab_mutex; rcu_barrier -> get_online_cpus -> cpu_hotplug.lock. "
         "H: cpu_up -> cpu_hotplug_begin (cpu_hotplug.lock) -> notifier -> slab_mutex. "
-        "Sequential is enough: lockdep joins the two orders.", None),
+        "Sequential is enough: lockdep joins the two orders.", None,
+        requires_hotplug="2012"),
     Bug(2, "put_online_cpus_imbalance", "v3.6 (2012)", "seed 004 (Srivatsa's BUG_ON)",
         (),
         "A put_online_cpus() without its get drops cpu_hotplug.refcount below the readers that "

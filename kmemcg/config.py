@@ -3,7 +3,9 @@ behaviour it models) and which historical bugs are switched back on.
 
 A bug switch restores the historical code path at the exact point where the fix changed it
 (the code tests ``k.config.bug("name")`` there and nowhere else). Switches combine with any
-preset. The checkers never read the configuration: they find bugs from behaviour alone.
+preset; a bug whose historical path needs its era's CPU-hotplug design (catalog
+``requires_hotplug``) brings that design along unless ``hotplug=`` is given. The
+checkers never read the configuration: they find bugs from behaviour alone.
 
 Presets and the catalog bugs each carries (fixing commits in :mod:`kmemcg.catalog`):
 
@@ -90,7 +92,12 @@ class Config:
         if hotplug is not None and hotplug not in HOTPLUG_DESIGNS:
             raise ConfigError(f"unknown hotplug design {hotplug!r} (choose from "
                               f"{', '.join(HOTPLUG_DESIGNS)})")
-        return cls(preset, p.bugs | frozenset(bugs), hotplug or p.hotplug)
+        all_bugs = p.bugs | frozenset(bugs)
+        if hotplug is None:
+            # a switched-on bug brings the hotplug design its historical code path needs
+            needed = {BY_NAME[b].requires_hotplug for b in bugs} - {None}
+            hotplug = needed.pop() if len(needed) == 1 else p.hotplug
+        return cls(preset, all_bugs, hotplug)
 
     def bug(self, name: str) -> bool:
         """Is the historical code path ``name`` switched on? Called only at the point where

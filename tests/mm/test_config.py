@@ -175,3 +175,12 @@ def test_listing_names_every_bug_and_detector() -> None:
     for b in CATALOG:
         assert b.name in text
         assert all(d in text for d in b.detector)
+
+
+def test_a_switch_brings_the_hotplug_design_its_historical_path_needs():
+    """Bug 1 is only an inversion when rcu_barrier() takes the 2012 hotplug lock: switched on
+    over the fixed preset it brings that design along, unless one is asked for."""
+    assert Config.make("fixed", ["destroy_rcu_barrier_under_slab_mutex"]).hotplug == "2012"
+    assert Config.make("fixed", ["destroy_rcu_barrier_under_slab_mutex"],
+                       "percpu_rwsem").hotplug == "percpu_rwsem"
+    assert Config.make("fixed", ["alias_race"]).hotplug == "percpu_rwsem"
