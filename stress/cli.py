@@ -206,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # python -m stress report ...: review what runs left behind
+        from stress.report.cli import main as report_main
+        return report_main(argv[1:])
     try:
         args = parse(argv)
     except UsageError as e:

@@ -3,8 +3,9 @@
 The report directory is written by :func:`write_report_dir` from whatever the kernel holds at
 that moment, so the caller can flush it on every way out of a run (normal end, Ctrl-C, a real
 deadlock, an internal crash). Files: ``findings.txt`` (kernel-format text of every finding),
-``summary.json``, ``lock_stat.txt``, ``lockdep.txt`` (/proc/lockdep + lockdep_stats),
-``lockdep_graph.json`` and ``lockdep_graph.dot``.
+``summary.json``, ``lock_stat.txt``, ``lock_stat.json`` (the same figures per class, for
+``python -m stress report lockstat``), ``lockdep.txt`` (/proc/lockdep + lockdep_stats),
+``lockdep_graph.json`` and ``lockdep_graph.dot``. Every JSON file names its format and version.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from kmemcg.locking import lock_stat
 
 REPORT_FORMAT = "kmemcg-stress-report"
 REPORT_VERSION = 1
+LOCK_STAT_FORMAT = "kmemcg-lock-stat"
+LOCK_STAT_VERSION = 1
 
 
 def summary(k: Kernel, *, seed: int, kernel: str, bugs: list[str], threads: int,
@@ -59,6 +62,18 @@ def top_contended(k: Kernel, n: int = 5) -> list[dict[str, Any]]:
                          "wait_max_us": round(st.wait_max / 1e3, 1)})
     rows.sort(key=lambda r: -r["contentions"])
     return rows[:n]
+
+
+def lock_stat_json(k: Kernel) -> dict[str, Any]:
+    """/proc/lock_stat's figures per class (subclasses merged, as there), as JSON. Contentions
+    and wait times are counted always; acquisitions and hold times only with lock_stat on."""
+    classes = []
+    for c in list(k.lockdep.classes):
+        if c.subclass or c.kind == "map":
+            continue
+        classes.append({"class": c.base, "kind": c.kind, **lock_stat.class_stat(c).to_dict()})
+    return {"format": LOCK_STAT_FORMAT, "version": LOCK_STAT_VERSION,
+            "lock_stat": bool(k.lock_stat), "classes": classes}
 
 
 def human_summary(s: dict[str, Any]) -> str:
@@ -104,6 +119,7 @@ def write_report_dir(d: str, k: Kernel, s: dict[str, Any], extra: dict[str, str]
                    f"signature {f.signature})\n\n" for f in k.findings.snapshot())
            or "no findings\n")
     _write(os.path.join(d, "lock_stat.txt"), k.proc_lock_stat())
+    _write(os.path.join(d, "lock_stat.json"), json.dumps(lock_stat_json(k), indent=1) + "\n")
     _write(os.path.join(d, "lockdep.txt"), k.proc_lockdep() + "\n" + k.proc_lockdep_stats())
     graph = k.lockdep_graph()
     _write(os.path.join(d, "lockdep_graph.json"), json.dumps(graph, indent=1) + "\n")

@@ -46,7 +46,7 @@ class LockStat:
 
     def wait(self, ns: int, cpu: int, point: Any, holder_site: Any) -> None:
         self.contentions += 1
-        if cpu != self.last_cpu:
+        if self.last_cpu >= 0 and cpu != self.last_cpu:  # last_cpu is known with lock_stat on
             self.con_bounces += 1
         self.wait_total += ns
         if ns > self.wait_max:
