@@ -36,11 +36,11 @@ from kmemcg.mm.slub import SLAB_ACCOUNT, SLAB_HWCACHE_ALIGN, SLAB_TYPESAFE_BY_RC
 from kmemcg.mm.typesafe import TypesafeTable, typesafe_delete, typesafe_insert, typesafe_lookup
 
 SIZES = (32, 64, 96, 128, 192, 256)  # few sizes: creations often merge
-TYPESAFE_SIZES = (512, 1024)
+TYPESAFE_SIZES = (1024,)  # 4 objects per slab
 NAMES = ("dentry", "inode", "filp", "buffer_head", "sock", "task_struct", "vm_area", "anon_vma")
 MAX_LIVE = 12
 MAX_OBJS = 64
-KEYS = 32
+KEYS = 12  # few keys per table: readers often race the writer deleting theirs
 
 
 @dataclass
