@@ -121,6 +121,8 @@ class SlabCommon:
         a = self._calc_align(flags, align, _align(size, WORD))
         s = KmemCache(k, name, size, _align(_align(size, WORD), a), a, flags, ctor)
         k.kasan.alloc(s, "kmem_cache", "the kmem_cache cache")
+        if k.memcg is not None:
+            k.memcg.init_memcg_params(s)  # a root cache: its array of per-memcg children
         self.slab_caches.append(s)
         s.on_list = True
         k.event("cache_create", s)
@@ -166,6 +168,7 @@ class SlabCommon:
                     if s.typesafe and not cfg.bug("destroy_without_rcu_barrier"):
                         k.rcu.barrier()  # pending rcu_free_slab() callbacks read the cache
                 k.event("cache_destroy", s)
+                self._release_memcg_params(s)
                 k.kasan.free(s)  # slab_kmem_cache_release()
             finally:
                 if not unlocked:
@@ -193,6 +196,19 @@ class SlabCommon:
                      + format_stack(stack)),
             thread=task.name, extra={"cache": s.name})
         return False
+
+    def _release_memcg_params(self, s: KmemCache) -> None:
+        """destroy_memcg_params(): the array may still be read lock-free: free it after a
+        grace period; the params go with the cache."""
+        k = self._k
+        p = s.memcg_params
+        if p is None:
+            return
+        if p.is_root_cache and p.memcg_caches is not None:
+            arr = p.memcg_caches.protected(True)
+            if arr is not None:
+                k.rcu.call(k.kasan.free, arr)
+        k.kasan.free(p)
 
     def _report_busy(self, s: KmemCache, busy: list) -> None:
         k = self._k
