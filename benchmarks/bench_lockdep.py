@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import best  # noqa: E402
+
 from kmemcg import Kernel  # noqa: E402
 
 
@@ -47,16 +49,6 @@ class BareWrapper:
         else:
             held.remove(self)
         self._l.release()
-
-
-def _best(fn, n: int, reps: int = 5) -> float:
-    """Best-of-reps nanoseconds per iteration (the least disturbed run)."""
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter_ns()
-        fn(n)
-        out.append((time.perf_counter_ns() - t) / n)
-    return min(out)
 
 
 def bench_lock_paths(n: int) -> dict[str, float]:
@@ -108,18 +100,18 @@ def bench_lock_paths(n: int) -> dict[str, float]:
                 pass
 
     res = {
-        "raw acquire+release": _best(raw_loop, n),
-        "raw `with lock:`": _best(raw_with, n),
-        "bare push/pop wrapper": _best(bare_loop, n),
+        "raw acquire+release": best(raw_loop, n),
+        "raw `with lock:`": best(raw_with, n),
+        "bare push/pop wrapper": best(bare_loop, n),
     }
     for label, kw in (("lockdep (default)", {}),
                       ("lockdep + lock_stat", {"lock_stat": True}),
                       ("no lockdep, lock_stat", {"lockdep": False, "lock_stat": True}),
                       ("no lockdep, no lock_stat", {"lockdep": False, "lock_stat": False})):
         k = Kernel(**kw)
-        res[f"mutex lock+unlock: {label}"] = _best(tracked(k), n)
+        res[f"mutex lock+unlock: {label}"] = best(tracked(k), n)
         if not kw:
-            res["mutex `with m:`: lockdep (default)"] = _best(tracked_with(k), n)
+            res["mutex `with m:`: lockdep (default)"] = best(tracked_with(k), n)
         k.shutdown()
     return res
 

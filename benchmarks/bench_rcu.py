@@ -25,17 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import best  # noqa: E402
+
 from kmemcg import Kernel  # noqa: E402
-
-
-def _best(fn, n: int, reps: int = 5) -> float:
-    """Best-of-reps nanoseconds per iteration (the least disturbed run)."""
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter_ns()
-        fn(n)
-        out.append((time.perf_counter_ns() - t) / n)
-    return min(out)
 
 
 def bench_read_side(n: int) -> None:
@@ -48,7 +40,7 @@ def bench_read_side(n: int) -> None:
             acq()
             rel()
 
-    base = _best(raw_loop, n)
+    base = best(raw_loop, n)
     print(f"  threading.Lock acquire+release      {base:8.0f} ns   1.0x")
     for lockdep in (False, True):
         with Kernel(name="bench", lockdep=lockdep) as k:
@@ -79,7 +71,7 @@ def bench_read_side(n: int) -> None:
             for name, fn in (("read_lock+read_unlock", rcu_loop),
                              ("with rcu.read()", with_loop),
                              ("nested read_lock+unlock", nested_loop)):
-                ns = _best(fn, n)
+                ns = best(fn, n)
                 print(f"  lockdep {tag} {name:25s} {ns:8.0f} ns {ns / base:5.1f}x")
 
 

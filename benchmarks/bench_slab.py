@@ -26,18 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _timing import best  # noqa: E402
+
 from kmemcg import Kernel  # noqa: E402
 from kmemcg.mm.slub import SLAB_TYPESAFE_BY_RCU  # noqa: E402
-
-
-def _best(fn: Callable[[int], None], n: int, reps: int = 5) -> float:
-    """Best-of-reps nanoseconds per iteration (the least disturbed run)."""
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter_ns()
-        fn(n)
-        out.append((time.perf_counter_ns() - t) / n)
-    return min(out)
 
 
 def _rss_kib() -> int:
@@ -84,11 +76,11 @@ def bench_alloc_free(n: int) -> None:
                 t = k.kthread_run(free_all, name="remote_freer")
                 t.join()
 
-            rows.setdefault("per-CPU fast path", []).append(_best(fast, n))
-            rows.setdefault("batch of 1000 (slab churn)", []).append(_best(batch, n))
-            rows.setdefault("TYPESAFE_BY_RCU cache", []).append(_best(typesafe, n))
+            rows.setdefault("per-CPU fast path", []).append(best(fast, n))
+            rows.setdefault("batch of 1000 (slab churn)", []).append(best(batch, n))
+            rows.setdefault("TYPESAFE_BY_RCU cache", []).append(best(typesafe, n))
             # remote: the alloc half is in the timing too; one rep builds a big list
-            rows.setdefault("alloc here, free in a thread", []).append(_best(remote, n, 3))
+            rows.setdefault("alloc here, free in a thread", []).append(best(remote, n, 3))
             k.rcu.barrier()
     for name, (off, on) in rows.items():
         print(f"  {name:<34} {off:10.0f} {on:10.0f} {on / off:6.1f}x")
@@ -112,8 +104,8 @@ def bench_stacks(n: int) -> None:
         def deep(n: int) -> None:
             _deep(20, lambda: shallow(n))
 
-        print(f"  capture(), shallow stack            {_best(shallow, n):8.0f} ns")
-        print(f"  capture(), 20 frames deeper         {_best(deep, n):8.0f} ns "
+        print(f"  capture(), shallow stack            {best(shallow, n):8.0f} ns")
+        print(f"  capture(), 20 frames deeper         {best(deep, n):8.0f} ns "
               f"(depth capped at 24 frames)")
         s = k.slab.kmem_cache_create("stacks", 128)
         before = len(depot)

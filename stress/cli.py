@@ -21,6 +21,7 @@ from kmemcg.config import PRESETS, Config, ConfigError
 from kmemcg.core import findings as F
 from kmemcg.core.instrument import Perturb
 from stress import reporting
+from stress.args import Parser, UsageError
 from stress.world import ROLES, WORKLOADS, World, assign_roles, run_role
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_DEADLOCK, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -32,17 +33,8 @@ PERTURB = {  # probability of a delay at a race window, and its longest sleep (s
 }
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m stress",
+    p = Parser(prog="python -m stress",
                 description="Hammer the kmemcg kernel model with threads; report findings.")
     p.add_argument("--threads", type=int, default=64, help="driver threads (default 64)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")

@@ -30,6 +30,7 @@ read-side section sees a stable mask. The notifier list is guarded by ``cpu_add_
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -59,7 +60,7 @@ class CpuId(int):
         return f"cpu{int(self)}"
 
 
-class Hotplug:
+class Hotplug(ABC):
     """The design-independent part; subclasses supply the lock (get/put_online_cpus and
     cpu_hotplug_begin/done)."""
 
@@ -83,22 +84,26 @@ class Hotplug:
         self.nr_hotplug_ops = 0  # successful cpu_up + cpu_down (under cpu_add_remove_lock)
 
     # ------------------------------------------------------------------ the lock (subclass)
+    @abstractmethod
     def get_online_cpus(self) -> None:
-        raise NotImplementedError
+        """get_online_cpus(): enter a hotplug read-side section."""
 
+    @abstractmethod
     def put_online_cpus(self) -> None:
-        raise NotImplementedError
+        """put_online_cpus(): leave it."""
 
+    @abstractmethod
     def cpu_hotplug_begin(self) -> None:
-        raise NotImplementedError
+        """cpu_hotplug_begin(): the writer's side, held through the notifiers."""
 
+    @abstractmethod
     def cpu_hotplug_done(self) -> None:
-        raise NotImplementedError
+        """cpu_hotplug_done()."""
 
+    @abstractmethod
     def cpus_held(self) -> bool:
         """lockdep_assert_cpus_held() as a predicate: the current task is in a read-side
         section or is the hotplug writer."""
-        raise NotImplementedError
 
     # Modern names for the same operations.
     def cpus_read_lock(self) -> None:

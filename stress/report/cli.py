@@ -21,6 +21,7 @@ from typing import Any
 from kmemcg.core import findings as F
 from kmemcg.core.stacks import format_site, format_stack
 from kmemcg.locking.lockdep_proc import graph_dot
+from stress.args import Parser, UsageError
 from stress.report import graphs as G
 from stress.report.load import BY_FILE, GRAPH, SUMMARY, Report, ReportError
 
@@ -29,17 +30,8 @@ KINDS = sorted(v for n, v in vars(F).items() if n.isupper() and isinstance(v, st
 GRAPHVIZ = {".svg": "svg", ".png": "png"}
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m stress report",
+    p = Parser(prog="python -m stress report",
                 description="Review what stress runs found: findings, the lock dependency "
                             "graph, the difference of two runs, the union of many, lock "
                             "statistics. Exit codes: 0 done; 1 diff found differences or merge "
