@@ -9,7 +9,7 @@ import pytest
 
 from kmemcg import Kernel
 from kmemcg.core import findings as F
-from kmemcg.testing import wait_until
+from kmemcg.testing import held_by_another_task, wait_until
 
 
 def test_with_lock_unlock(kernel) -> None:
@@ -41,21 +41,9 @@ def test_trylock(kernel) -> None:
     assert m.is_held()
     assert m.trylock() is False  # not recursive: the owner's trylock fails too
     m.unlock()
-    held, done = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with m:
-            held.set()
-            done.wait(5)
-
-    t = kernel.kthread_run(holder, name="holder")
-    assert held.wait(5)
-    try:
+    with held_by_another_task(kernel, m):
         assert m.trylock() is False
         assert not m.is_held()
-    finally:
-        done.set()
-    t.join(5)
     assert m.trylock() is True
     m.unlock()
     assert len(kernel.findings) == 0
@@ -152,20 +140,8 @@ def test_assert_held(kernel) -> None:
 
 def test_assert_held_fails_when_another_thread_holds_it(kernel) -> None:
     m = kernel.mutex("needs_lock")
-    held, done = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with m:
-            held.set()
-            done.wait(5)
-
-    t = kernel.kthread_run(holder, name="holder")
-    assert held.wait(5)
-    try:
+    with held_by_another_task(kernel, m):
         assert kernel.lockdep.assert_held(m) is False
-    finally:
-        done.set()
-    t.join(5)
     assert len(kernel.findings.of_kind(F.ASSERT_HELD)) == 1
 
 
@@ -219,20 +195,8 @@ def test_init_or_destroy_of_held_mutex(kernel) -> None:
 
 def test_destroy_of_a_mutex_held_by_another_task(kernel) -> None:
     m = kernel.mutex("other_holds_it")
-    held, done = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with m:
-            held.set()
-            done.wait(5)
-
-    t = kernel.kthread_run(holder, name="holder")
-    assert held.wait(5)
-    try:
+    with held_by_another_task(kernel, m):
         m.destroy()
-    finally:
-        done.set()
-    t.join(5)
     [f] = kernel.findings.of_kind(F.HELD_LOCK_FREED)
     assert "holder" in f.text  # the holder's held locks are listed
 
