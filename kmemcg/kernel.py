@@ -34,6 +34,7 @@ from kmemcg.locking import lockdep_proc
 from kmemcg.locking.lockdep import Lockdep, LockdepMap
 from kmemcg.locking.mutex import Mutex, SpinLock
 from kmemcg.locking.rwsem import RWSem
+from kmemcg.mm.memcg_slab import MemcgSlab
 from kmemcg.mm.memcontrol import MemcgSubsys
 from kmemcg.mm.page_alloc import PageAllocator
 from kmemcg.mm.slab_common import SlabCommon
@@ -102,8 +103,10 @@ class Kernel:
         self.kasan = Kasan(self, enabled=kasan)
         self.page_alloc = PageAllocator(self)
         self.memcg: MemcgSubsys | None = None  # root caches made before it get no params
+        self.memcg_slab: MemcgSlab | None = None
         self.slab = SlabCommon(self)
         self.memcg = MemcgSubsys(self)
+        self.memcg_slab = MemcgSlab(self)
         if hung_task_timeout is not None:  # last: it scans everything above
             self.hung_task = HungTaskWatchdog(self, hung_task_timeout)
 

@@ -161,7 +161,9 @@ class MemcgSubsys:
         with self.activate_kmem_mutex:
             if m.kmem_state != KMEM_ONLINE:
                 return
-            m.kmem_state = KMEM_ALLOCATED
+            m.kmem_state = KMEM_ALLOCATED  # pending creations for it bail from now on
+            if self._k.memcg_slab is not None:
+                self._k.memcg_slab.memcg_deactivate_kmem_caches(m)
             self._ids.discard(m.kmemcg_id)
 
     # ------------------------------------------------------------------ css references
@@ -191,6 +193,8 @@ class MemcgSubsys:
             if parent is not None and m in parent.children:
                 parent.children.remove(m)
         self._k.event("memcg_free", m)
+        if self._k.memcg_slab is not None:
+            self._k.memcg_slab.memcg_destroy_kmem_caches(m)  # no charged page left: empty
         self._k.kasan.free(m)
         self.freed += 1
         if parent is not None:

@@ -30,10 +30,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kmemcg.core import findings as F
+from kmemcg.core.kasan import Kasan
 from kmemcg.core.report import banner
 from kmemcg.core.stacks import format_stack
 from kmemcg.mm.slub import (
     CACHE_LINE,
+    SLAB_ACCOUNT,
     SLAB_HWCACHE_ALIGN,
     SLAB_MERGE_SAME,
     SLAB_NEVER_MERGE,
@@ -103,6 +105,8 @@ class SlabCommon:
         for s in reversed(self.slab_caches):
             if s.flags & SLAB_NEVER_MERGE or s.ctor is not None:
                 continue  # slab_unmergeable()
+            if s.memcg_params is not None and s.memcg_params.dying:
+                continue  # being destroyed (d38a2b7a9c93): never resurrect it
             if s.memcg_params is not None and not s.memcg_params.is_root_cache:
                 continue  # a per-memcg clone is never an alias target
             if size > s.size or s.size - size >= WORD:
@@ -138,9 +142,11 @@ class SlabCommon:
         cfg = k.config
         hp = k.hotplug
         hp.get_online_cpus()
+        cpus_held = True  # exactly what this call holds, for every way out (teardown too)
         try:
             self.slab_mutex.lock()
             unlocked = False
+            children: list[KmemCache] = []  # per-memcg children unlinked: freed at the end
             try:
                 s.alias_count -= 1
                 if s.alias_count:
@@ -151,6 +157,27 @@ class SlabCommon:
                     self.slab_mutex.unlock()
                     k.window("kmem_cache_destroy:slab_mutex_dropped")
                     self.slab_mutex.lock()
+                elif s.flags & SLAB_ACCOUNT and k.memcg_slab is not None:
+                    # The fixed design: mark the root dying under slab_mutex (nothing is
+                    # created, deactivated or merged for it any more), then, with no lock
+                    # held (the works take them), let every pending creation and
+                    # deactivation finish (flush_memcg_workqueue).
+                    s.memcg_params.dying = True
+                    self.slab_mutex.unlock()
+                    unlocked = True
+                    hp.put_online_cpus()
+                    cpus_held = False
+                    k.window("kmem_cache_destroy:flush")
+                    k.memcg_slab.flush_memcg_workqueue(s)
+                    hp.get_online_cpus()
+                    cpus_held = True
+                    self.slab_mutex.lock()
+                    unlocked = False
+                if s.memcg_params is not None and s.memcg_params.children:
+                    ok, children = k.memcg_slab.shutdown_memcg_caches(s)
+                    if not ok:  # a child still has objects (reported): the root stays
+                        s.alias_count += 1
+                        return
                 busy = self.slub.kmem_cache_shutdown(s)
                 if busy:
                     s.alias_count += 1  # the model lets the owner free its objects and retry
@@ -173,8 +200,11 @@ class SlabCommon:
             finally:
                 if not unlocked:
                     self.slab_mutex.unlock()
+                if children:
+                    k.memcg_slab.release(children)
         finally:
-            hp.put_online_cpus()
+            if cpus_held:
+                hp.put_online_cpus()
 
     def _list_del(self, s: KmemCache) -> bool:
         """list_del(&s->list) under slab_mutex, checked as CONFIG_DEBUG_LIST does: a cache
@@ -241,6 +271,13 @@ class SlabCommon:
         return self.slub.slab_alloc(s)
 
     def kmem_cache_free(self, s: KmemCache, obj: SlabObject) -> None:
+        """kmem_cache_free(): cache_from_obj() first: an object of a per-memcg child goes back
+        to that child even when freed through its root cache."""
+        if not Kasan.is_freed(obj):
+            c = obj.cache
+            if c is not s and c.memcg_params is not None and \
+                    not c.memcg_params.is_root_cache and c.memcg_params.root_cache is s:
+                s = c
         self.slub.slab_free(s, obj)
 
     # ------------------------------------------------------------------ hotplug

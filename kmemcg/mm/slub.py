@@ -137,6 +137,9 @@ class Slub:
         """allocate_slab(): a page from the page allocator, its objects constructed."""
         page, _old = self._k.page_alloc.alloc_page(s.name)
         page.slab_cache = s
+        p = s.memcg_params
+        if p is not None and not p.is_root_cache:
+            self._k.memcg.css_get(p.memcg)  # memcg_charge_slab(): the page pins its memcg
         n = s.objects_per_slab
         page.free = list(range(n - 1, -1, -1))
         if s.typesafe:
@@ -172,15 +175,34 @@ class Slub:
         """__free_slab(): reads the cache (its order, its flags), poisons what the page held,
         frees the page."""
         order = s.order  # noqa: F841  (the kernel reads oo_order(s->oo) here)
+        p = s.memcg_params
+        memcg = p.memcg if p is not None and not p.is_root_cache else None
         if s.typesafe:
             for o in page.objects:  # the type-stable memory goes away only now
                 self.kasan.poison(o)
         self._k.page_alloc.free_page(page)
+        if memcg is not None:
+            # memcg_uncharge_slab(), last: the cache is not touched after the reference that
+            # may let its destruction run is gone (seed 002's free-path bug)
+            self._k.memcg.css_put(memcg)
 
     # ------------------------------------------------------------------ alloc
     def slab_alloc(self, s: KmemCache) -> SlabObject:
-        """slab_alloc(): pop the current CPU's freelist; refill it from a partial slab or a
-        new slab when empty (___slab_alloc)."""
+        """slab_alloc(): slab_pre_alloc_hook() first (a SLAB_ACCOUNT cache allocates from the
+        current memcg's child cache, see kmemcg.mm.memcg_slab), then the allocation proper."""
+        if s.flags & SLAB_ACCOUNT and self._k.memcg_slab is not None:
+            ms = self._k.memcg_slab
+            c = ms.memcg_kmem_get_cache(s)
+            if c is not s:
+                try:
+                    return self.slab_alloc_node(c)
+                finally:
+                    ms.memcg_kmem_put_cache(c)  # slab_post_alloc_hook()
+        return self.slab_alloc_node(s)
+
+    def slab_alloc_node(self, s: KmemCache) -> SlabObject:
+        """Pop the current CPU's freelist; refill it from a partial slab or a new slab when
+        empty (___slab_alloc)."""
         k = self._k
         task = k.current()
         hp = k.hotplug

@@ -1,0 +1,245 @@
+"""Per-memcg kmem caches, the fixed design (mm/memcontrol.c + mm/slab_common.c as of 4.18 with
+the later fixes; docs/memcg-eras.md sections 3-4 and 7).
+
+An allocation from a SLAB_ACCOUNT root cache by a task of a kmem-active memcg goes to that
+memcg's child of the root cache:
+
+* ``memcg_kmem_get_cache(root)``: the current memcg with a css reference, its child looked up
+  lock-free (``cache_from_memcg_idx``); the reference is kept until
+  ``memcg_kmem_put_cache()`` after the allocation (so the memcg, and with it the child, cannot
+  go away in between: the get_cache/alloc window of seed 002 is closed). On a miss, creation is
+  queued on ``memcg_kmem_cache_wq`` and the root cache serves this allocation.
+* creation (``memcg_create_kmem_cache``): cpus read lock -> slab_mutex; bail if the memcg is no
+  longer kmem-online or the root is dying; bail if another creator won (recheck under
+  slab_mutex, 2edefe1155b3); publish the child in the array only once it is complete.
+* charging: each slab page of a child pins its memcg (css_get), dropped when the page is freed.
+* offline: every child is unpublished under slab_mutex and deactivated: an RCU callback queues
+  a work that shrinks it (its empty slabs go, uncharging their pages); the css pin taken for
+  that keeps the memcg alive meanwhile. Unless the root is dying.
+* the memcg's last reference (no charged page left) frees it, and with it its children
+  (``memcg_destroy_kmem_caches``).
+* root destroy: once the alias count reaches zero, the root is marked ``dying`` (so nothing new
+  is created or deactivated for it, and find_mergeable() no longer offers it), slab_mutex is
+  dropped to run rcu_barrier() and flush memcg_kmem_cache_wq (every pending creation and
+  deactivation finishes), then the children are shut down with the root.
+
+Lock order: activate_kmem_mutex -> cpu hotplug (read) -> slab_mutex; the workqueue's works
+take cpu hotplug -> slab_mutex, so it is never flushed with either held.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kmemcg.core import findings as F
+from kmemcg.core.report import banner
+from kmemcg.mm.memcontrol import KMEM_ONLINE, MemcgCacheParams
+from kmemcg.mm.slub import SLAB_ACCOUNT, KmemCache
+from kmemcg.workqueue import Work, queue_work
+
+if TYPE_CHECKING:
+    from kmemcg.kernel import Kernel
+    from kmemcg.mm.memcontrol import MemCgroup
+
+
+def is_child(s: KmemCache) -> bool:
+    p = s.memcg_params
+    return p is not None and not p.is_root_cache
+
+
+class MemcgSlab:
+    """``k.memcg_slab``."""
+
+    def __init__(self, k: Kernel) -> None:
+        self._k = k
+        self.wq = k.create_workqueue("memcg_kmem_cache", max_active=1)
+        self.nr_created = 0
+        self.nr_deactivated = 0
+
+    # ------------------------------------------------------------------ lookup
+    def memcg_kmem_get_cache(self, s: KmemCache) -> KmemCache:
+        """The cache to allocate from: the current memcg's child of root ``s``, holding a
+        reference on its memcg until memcg_kmem_put_cache(); else ``s``."""
+        p = s.memcg_params
+        if not s.flags & SLAB_ACCOUNT or p is None or not p.is_root_cache:
+            return s
+        k = self._k
+        mc = k.memcg
+        task = k.current()
+        if task.memcg is None or task.memcg is mc.root:
+            return s
+        memcg = mc.get_mem_cgroup_from_current()
+        kid = memcg.kmemcg_id
+        if kid >= 0:
+            c = mc.cache_from_memcg_idx(s, kid)
+            if c is not None:
+                return c  # the css reference goes with it
+            if memcg.kmem_state == KMEM_ONLINE:
+                self.memcg_schedule_kmem_cache_create(memcg, s)
+        mc.css_put(memcg)
+        return s
+
+    def memcg_kmem_put_cache(self, c: KmemCache) -> None:
+        if is_child(c):
+            self._k.memcg.css_put(c.memcg_params.memcg)
+
+    # ------------------------------------------------------------------ creation
+    def memcg_schedule_kmem_cache_create(self, memcg: MemCgroup, root: KmemCache) -> None:
+        self._k.memcg.css_get(memcg)  # the work's reference on the memcg
+        queue_work(self.wq, Work(self._create_func, memcg, root,
+                                 name="memcg_kmem_cache_create_func"))
+
+    def _create_func(self, memcg: MemCgroup, root: KmemCache) -> None:
+        try:
+            self.memcg_create_kmem_cache(memcg, root)
+        finally:
+            self._k.memcg.css_put(memcg)
+
+    def memcg_create_kmem_cache(self, memcg: MemCgroup, root: KmemCache) -> KmemCache | None:
+        k = self._k
+        sl = k.slab
+        hp = k.hotplug
+        hp.get_online_cpus()
+        try:
+            with sl.slab_mutex:
+                rp = root.memcg_params
+                if memcg.kmem_state != KMEM_ONLINE or rp.dying:
+                    return None  # offline meanwhile, or the root is being destroyed
+                idx = memcg.kmemcg_id
+                arr = rp.memcg_caches.protected(sl.slab_mutex)
+                if arr.entries[idx] is not None:
+                    return None  # several creators race; one won (2edefe1155b3)
+                c = KmemCache(k, f"{root.name}({memcg.serial}:{memcg.name})",
+                              root.object_size, root.size, root.align, root.flags, root.ctor)
+                k.kasan.alloc(c, "kmem_cache", "the kmem_cache cache")
+                cp = MemcgCacheParams(False)
+                k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
+                cp.memcg, cp.root_cache = memcg, root
+                c.memcg_params = cp
+                rp.children.append(c)
+                memcg.kmem_caches.append(c)
+                sl.slab_caches.append(c)
+                c.on_list = True
+                k.window("memcg_create_kmem_cache:before_publish")
+                arr.entries[idx] = c  # published complete: readers take it lock-free
+                self.nr_created += 1
+                k.event("memcg_cache_create", c)
+                return c
+        finally:
+            hp.put_online_cpus()
+
+    # ------------------------------------------------------------------ offline
+    def memcg_deactivate_kmem_caches(self, memcg: MemCgroup) -> None:
+        """At offline: unpublish every child of ``memcg`` and deactivate it."""
+        k = self._k
+        sl = k.slab
+        hp = k.hotplug
+        idx = memcg.kmemcg_id
+        hp.get_online_cpus()
+        try:
+            with sl.slab_mutex:
+                for s in sl.slab_caches:
+                    p = s.memcg_params
+                    if p is None or not p.is_root_cache:
+                        continue
+                    arr = p.memcg_caches.protected(sl.slab_mutex)
+                    c = arr.entries[idx] if idx < len(arr.entries) else None
+                    if c is None:
+                        continue
+                    arr.entries[idx] = None
+                    if not p.dying:
+                        k.memcg.css_get(memcg)  # pin memcg so that c doesn't go meanwhile
+                        k.rcu.call(self._deactivate_rcufn, c)
+        finally:
+            hp.put_online_cpus()
+
+    def _deactivate_rcufn(self, c: KmemCache) -> None:
+        queue_work(self.wq, Work(self._deactivate_workfn, c, name="kmemcg_deactivate_workfn"))
+
+    def _deactivate_workfn(self, c: KmemCache) -> None:
+        """kmemcg_deactivate_workfn -> __kmem_cache_shrink: the child's empty slabs go."""
+        k = self._k
+        memcg = c.memcg_params.memcg
+        hp = k.hotplug
+        hp.get_online_cpus()
+        try:
+            with k.slab.slab_mutex:
+                k.slab.slub.kmem_cache_shrink(c)
+                self.nr_deactivated += 1
+        finally:
+            hp.put_online_cpus()
+        k.memcg.css_put(memcg)
+
+    # ------------------------------------------------------------------ destruction
+    def memcg_destroy_kmem_caches(self, memcg: MemCgroup) -> None:
+        """css_free: the memcg has no charged page left, so its children are empty."""
+        k = self._k
+        sl = k.slab
+        hp = k.hotplug
+        hp.get_online_cpus()
+        try:
+            with sl.slab_mutex:
+                gone = [c for c in list(memcg.kmem_caches) if self._shutdown_child(c)]
+        finally:
+            hp.put_online_cpus()
+        self._release(gone)
+
+    def _shutdown_child(self, c: KmemCache) -> bool:
+        """Caller holds slab_mutex. Shut child ``c`` down and unlink it; False if busy."""
+        sl = self._k.slab
+        busy = sl.slub.kmem_cache_shutdown(c)
+        if busy:
+            self._report_busy(c)
+            return False
+        p = c.memcg_params
+        if c in p.root_cache.memcg_params.children:
+            p.root_cache.memcg_params.children.remove(c)
+        if c in p.memcg.kmem_caches:
+            p.memcg.kmem_caches.remove(c)
+        arr = p.root_cache.memcg_params.memcg_caches.protected(sl.slab_mutex)
+        for i, e in enumerate(arr.entries):
+            if e is c:
+                arr.entries[i] = None
+        sl.slab_caches.remove(c)
+        c.on_list = False
+        return True
+
+    def _release(self, gone: list[KmemCache]) -> None:
+        k = self._k
+        if any(c.typesafe for c in gone):
+            k.rcu.barrier()  # their pending rcu_free_slab() callbacks read them
+        for c in gone:
+            k.event("cache_destroy", c)
+            k.kasan.free(c.memcg_params)
+            k.kasan.free(c)
+
+    def _report_busy(self, c: KmemCache) -> None:
+        k = self._k
+        title = f"kmem_cache_destroy {c.name}: Slab cache still has objects"
+        k.findings.report(F.SLAB_CACHE_NOT_EMPTY, title, c.name,
+                          lambda: banner(title, k) + "a per-memcg child cache still holds "
+                          "objects at destruction\n", thread=k.current().name,
+                          extra={"cache": c.name})
+
+    def flush_memcg_workqueue(self, s: KmemCache) -> None:
+        """After ``s.memcg_params.dying`` was set: run every pending RCU callback (they queue
+        deactivation works) and every queued creation or deactivation."""
+        self._k.rcu.barrier()
+        self.wq.flush()
+
+    def shutdown_memcg_caches(self, s: KmemCache) -> tuple[bool, list[KmemCache]]:
+        """Caller holds slab_mutex; ``s`` is a root whose alias count reached zero. Shut down
+        and unlink every child (published or deactivated). Returns whether all were empty,
+        and the unlinked ones, which the caller frees with :meth:`release` once slab_mutex
+        is dropped."""
+        gone, ok = [], True
+        for c in list(s.memcg_params.children):
+            if self._shutdown_child(c):
+                gone.append(c)
+            else:
+                ok = False
+        return ok, gone
+
+    def release(self, gone: list[KmemCache]) -> None:
+        """Free children that shutdown_memcg_caches() unlinked (no lock held)."""
+        self._release(gone)
