@@ -46,6 +46,11 @@ def summary(k: Kernel, *, seed: int, kernel: str, bugs: list[str], threads: int,
             "max_depth": k.lockdep.max_depth,
         },
         "top_contended": top_contended(k),
+        "memcg": {
+            "memcgs_freed": k.memcg.freed,
+            "memcg_caches_created": k.memcg_slab.nr_created,
+            "memcg_caches_deactivated": k.memcg_slab.nr_deactivated,
+        },
         "exit_code": exit_code,
     }
 

@@ -18,7 +18,11 @@ rcu_reader     SLAB_TYPESAFE_BY_RCU lookups: find under rcu_read_lock, lock, rev
 rcu_writer     insert / delete objects in the TYPESAFE tables; synchronize / barrier
 shrinker       kmem_cache_shrink on live caches
 hotplug        cpu_down / cpu_up
+cgroup_churn   create memcgs, activate kmem, offline them once their tasks moved away
 =============  ==========================================================================
+
+Allocators move themselves between memcgs (cgroup.procs), so SLAB_ACCOUNT caches get per-memcg
+children created, charged, deactivated and destroyed under the same load.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class World:
         self.seed = seed
         self.lock = threading.Lock()
         self.entries: list[Entry] = []
+        self.memcgs: list[Any] = []  # online, kmem-active memcgs drivers may move into
+        self.retiring: list[Any] = []  # taken out of ``memcgs``: offlined once empty
         self.stop = threading.Event()
 
     # -- the owner protocol ------------------------------------------------------------------
@@ -122,6 +128,30 @@ def op_allocator(w: World, rng: random.Random, ops: Counter) -> None:
             ops["migrate"] += 1
     finally:
         w.put(e)
+    if rng.random() < 0.05:
+        move_self(w, rng, ops)
+
+
+def move_self(w: World, rng: random.Random, ops: Counter) -> None:
+    """Write ourselves into another memcg's cgroup.procs (or the root's)."""
+    mc = w.k.memcg
+    with w.lock:
+        target = rng.choice(w.memcgs) if w.memcgs and rng.random() < 0.8 else mc.root
+    try:
+        mc.attach(w.k.current(), target)
+        ops["memcg_attach"] += 1
+    except ValueError:  # it went offline meanwhile: like -ENOENT from cgroup.procs
+        pass
+
+
+def leave_retiring(w: World) -> None:
+    """A driver in a memcg that is being retired moves back to the root."""
+    mc = w.k.memcg
+    me = w.k.current()
+    with w.lock:
+        retiring = me.memcg is not None and me.memcg in w.retiring
+    if retiring:
+        mc.attach(me, mc.root)
 
 
 def op_root_churn(w: World, rng: random.Random, ops: Counter) -> None:
@@ -217,6 +247,32 @@ def op_rcu_writer(w: World, rng: random.Random, ops: Counter) -> None:
         w.put(e)
 
 
+MAX_MEMCGS = 6
+
+
+def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
+    mc = w.k.memcg
+    with w.lock:
+        n = len(w.memcgs)
+        retiring = list(w.retiring)
+    for m in retiring:  # offline those whose tasks have all moved away
+        if mc.offline(m) == 0:
+            with w.lock:
+                w.retiring.remove(m)
+            ops["memcg_offline"] += 1
+    if n < MAX_MEMCGS and (n < 2 or rng.random() < 0.5):
+        m = mc.create(f"cg{rng.randrange(10**6)}")
+        mc.memcg_activate_kmem(m)
+        with w.lock:
+            w.memcgs.append(m)
+        ops["memcg_create"] += 1
+    elif n:
+        with w.lock:
+            m = w.memcgs.pop(rng.randrange(len(w.memcgs)))
+            w.retiring.append(m)
+    w.stop.wait(0.002)
+
+
 def op_shrinker(w: World, rng: random.Random, ops: Counter) -> None:
     e = w.grab(rng)
     if e is None:
@@ -248,13 +304,14 @@ ROLES: dict[str, Op] = {
     "rcu_writer": op_rcu_writer,
     "shrinker": op_shrinker,
     "hotplug": op_hotplug,
+    "cgroup_churn": op_cgroup_churn,
 }
 
 WORKLOADS: dict[str, dict[str, float]] = {
     "default": {"allocator": 40, "root_churn": 12, "rcu_reader": 20, "rcu_writer": 12,
-                "shrinker": 8, "hotplug": 4},
-    "churn": {"allocator": 30, "root_churn": 40, "rcu_writer": 10, "rcu_reader": 10,
-              "shrinker": 5, "hotplug": 5},
+                "shrinker": 8, "hotplug": 4, "cgroup_churn": 2},
+    "churn": {"allocator": 30, "root_churn": 35, "rcu_writer": 10, "rcu_reader": 10,
+              "shrinker": 5, "hotplug": 5, "cgroup_churn": 5},
     "rcu": {"rcu_reader": 50, "rcu_writer": 30, "root_churn": 15, "hotplug": 5},
     "hotplug": {"allocator": 40, "root_churn": 20, "rcu_writer": 10, "shrinker": 10,
                 "hotplug": 20},
@@ -289,5 +346,6 @@ def run_role(w: World, role: str, rng: random.Random, ops: Counter) -> None:
     while not w.stop.is_set():
         try:
             op(w, rng, ops)
+            leave_retiring(w)
         except KasanOops:
             ops["oops"] += 1
