@@ -56,9 +56,11 @@ def test_fixed_kernel_with_64_threads_has_no_finding(capsys):
     assert out["findings"] == [], [f["title"] for f in out["findings"]]
     assert code == 0 and out["exit_code"] == 0
     assert out["seed"] == 7 and out["threads"] == 64 and out["kernel"] == "fixed"
-    for kind in ("alloc", "free", "cache_create", "cache_destroy", "cpu_hotplug", "rcu_lookup"):
+    for kind in ("alloc", "free", "cache_create", "cache_destroy", "cpu_hotplug", "rcu_lookup",
+                 "memcg_create", "memcg_offline", "memcg_attach"):
         assert out["ops"].get(kind, 0) > 0, kind
     assert sum(out["roles"].values()) == 64
+    assert out["memcg"]["memcg_caches_created"] > 0  # accounted allocations reached children
     for key in ("bugs", "duration_s", "ops", "findings", "lockdep", "top_contended"):
         assert key in out
 
