@@ -98,60 +98,50 @@ class MemcgSlab:
     def memcg_create_kmem_cache(self, memcg: MemCgroup, root: KmemCache) -> KmemCache | None:
         k = self._k
         sl = k.slab
-        hp = k.hotplug
-        hp.get_online_cpus()
-        try:
-            with sl.slab_mutex:
-                rp = root.memcg_params
-                if memcg.kmem_state != KMEM_ONLINE or rp.dying:
-                    return None  # offline meanwhile, or the root is being destroyed
-                idx = memcg.kmemcg_id
-                arr = rp.memcg_caches.protected(sl.slab_mutex)
-                if arr.entries[idx] is not None:
-                    return None  # several creators race; one won (2edefe1155b3)
-                c = KmemCache(k, f"{root.name}({memcg.serial}:{memcg.name})",
-                              root.object_size, root.size, root.align, root.flags, root.ctor)
-                k.kasan.alloc(c, "kmem_cache", "the kmem_cache cache")
-                cp = MemcgCacheParams(False)
-                k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
-                cp.memcg, cp.root_cache = memcg, root
-                c.memcg_params = cp
-                rp.children.append(c)
-                memcg.kmem_caches.append(c)
-                sl.slab_caches.append(c)
-                c.on_list = True
-                k.window("memcg_create_kmem_cache:before_publish")
-                arr.entries[idx] = c  # published complete: readers take it lock-free
-                self.nr_created += 1
-                k.event("memcg_cache_create", c)
-                return c
-        finally:
-            hp.put_online_cpus()
+        with sl.cpus_and_slab_mutex():
+            rp = root.memcg_params
+            if memcg.kmem_state != KMEM_ONLINE or rp.dying:
+                return None  # offline meanwhile, or the root is being destroyed
+            idx = memcg.kmemcg_id
+            arr = rp.memcg_caches.protected(sl.slab_mutex)
+            if arr.entries[idx] is not None:
+                return None  # several creators race; one won (2edefe1155b3)
+            c = KmemCache(k, f"{root.name}({memcg.serial}:{memcg.name})",
+                          root.object_size, root.size, root.align, root.flags, root.ctor)
+            k.kasan.alloc(c, "kmem_cache", "the kmem_cache cache")
+            cp = MemcgCacheParams(False)
+            k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
+            cp.memcg, cp.root_cache = memcg, root
+            c.memcg_params = cp
+            rp.children.append(c)
+            memcg.kmem_caches.append(c)
+            sl.slab_caches.append(c)
+            c.on_list = True
+            k.window("memcg_create_kmem_cache:before_publish")
+            arr.entries[idx] = c  # published complete: readers take it lock-free
+            self.nr_created += 1
+            k.event("memcg_cache_create", c)
+            return c
 
     # ------------------------------------------------------------------ offline
     def memcg_deactivate_kmem_caches(self, memcg: MemCgroup) -> None:
         """At offline: unpublish every child of ``memcg`` and deactivate it."""
         k = self._k
         sl = k.slab
-        hp = k.hotplug
         idx = memcg.kmemcg_id
-        hp.get_online_cpus()
-        try:
-            with sl.slab_mutex:
-                for s in sl.slab_caches:
-                    p = s.memcg_params
-                    if p is None or not p.is_root_cache:
-                        continue
-                    arr = p.memcg_caches.protected(sl.slab_mutex)
-                    c = arr.entries[idx] if idx < len(arr.entries) else None
-                    if c is None:
-                        continue
-                    arr.entries[idx] = None
-                    if not p.dying:
-                        k.memcg.css_get(memcg)  # pin memcg so that c doesn't go meanwhile
-                        k.rcu.call(self._deactivate_rcufn, c)
-        finally:
-            hp.put_online_cpus()
+        with sl.cpus_and_slab_mutex():
+            for s in sl.slab_caches:
+                p = s.memcg_params
+                if p is None or not p.is_root_cache:
+                    continue
+                arr = p.memcg_caches.protected(sl.slab_mutex)
+                c = arr.entries[idx] if idx < len(arr.entries) else None
+                if c is None:
+                    continue
+                arr.entries[idx] = None
+                if not p.dying:
+                    k.memcg.css_get(memcg)  # pin memcg so that c doesn't go meanwhile
+                    k.rcu.call(self._deactivate_rcufn, c)
 
     def _deactivate_rcufn(self, c: KmemCache) -> None:
         queue_work(self.wq, Work(self._deactivate_workfn, c, name="kmemcg_deactivate_workfn"))
@@ -160,28 +150,16 @@ class MemcgSlab:
         """kmemcg_deactivate_workfn -> __kmem_cache_shrink: the child's empty slabs go."""
         k = self._k
         memcg = c.memcg_params.memcg
-        hp = k.hotplug
-        hp.get_online_cpus()
-        try:
-            with k.slab.slab_mutex:
-                k.slab.slub.kmem_cache_shrink(c)
-                self.nr_deactivated += 1
-        finally:
-            hp.put_online_cpus()
+        with k.slab.cpus_and_slab_mutex():
+            k.slab.slub.kmem_cache_shrink(c)
+            self.nr_deactivated += 1
         k.memcg.css_put(memcg)
 
     # ------------------------------------------------------------------ destruction
     def memcg_destroy_kmem_caches(self, memcg: MemCgroup) -> None:
         """css_free: the memcg has no charged page left, so its children are empty."""
-        k = self._k
-        sl = k.slab
-        hp = k.hotplug
-        hp.get_online_cpus()
-        try:
-            with sl.slab_mutex:
-                gone = [c for c in list(memcg.kmem_caches) if self._shutdown_child(c)]
-        finally:
-            hp.put_online_cpus()
+        with self._k.slab.cpus_and_slab_mutex():
+            gone = [c for c in list(memcg.kmem_caches) if self._shutdown_child(c)]
         self._release(gone)
 
     def _shutdown_child(self, c: KmemCache) -> bool:

@@ -26,7 +26,8 @@ destroyers of one cache, which the alias race allows) is reported as "list_del c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from kmemcg.core import findings as F
@@ -64,6 +65,17 @@ class SlabCommon:
         self.slab_caches: list[KmemCache] = []  # slab_mutex
         kernel.hotplug.register_notifier(self.slab_cpu_callback)
 
+    @contextmanager
+    def cpus_and_slab_mutex(self) -> Iterator[None]:
+        """The prologue of every slab_common path: get_online_cpus(), then slab_mutex."""
+        hp = self._k.hotplug
+        hp.get_online_cpus()
+        try:
+            with self.slab_mutex:
+                yield
+        finally:
+            hp.put_online_cpus()
+
     # ------------------------------------------------------------------ create
     def kmem_cache_create(self, name: str, size: int, align: int = 0, flags: int = 0,
                           ctor: Callable[[SlabObject], None] | None = None) -> KmemCache:
@@ -72,18 +84,13 @@ class SlabCommon:
         if size <= 0 or size > 1 << 22:
             raise ValueError(f"kmem_cache_create({name!r}): bad object size {size}")
         k = self._k
-        hp = k.hotplug
-        hp.get_online_cpus()
-        try:
-            with self.slab_mutex:
-                s = self.find_mergeable(size, align, flags, ctor)
-                if s is not None:
-                    s.alias_count += 1  # __kmem_cache_alias()
-                    k.event("cache_merge", s)
-                    return s
-                return self._create_cache(name, size, align, flags, ctor)
-        finally:
-            hp.put_online_cpus()
+        with self.cpus_and_slab_mutex():
+            s = self.find_mergeable(size, align, flags, ctor)
+            if s is not None:
+                s.alias_count += 1  # __kmem_cache_alias()
+                k.event("cache_merge", s)
+                return s
+            return self._create_cache(name, size, align, flags, ctor)
 
     def _calc_align(self, flags: int, align: int, size: int) -> int:
         a = max(align, WORD)
