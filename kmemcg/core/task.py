@@ -13,6 +13,7 @@ thread-local storage.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import sys
@@ -30,6 +31,28 @@ if TYPE_CHECKING:
 # Frames below the first of these (the model's waits and reports, the stdlib they call) are
 # noise in a stack dump of a blocked task.
 _PLUMBING = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.__file__))
+
+
+# The garbage collector is per interpreter: toggling it is serialized by a process-wide lock.
+_gc_toggle = threading.Lock()
+
+
+def current_frames() -> dict[int, Any]:
+    """sys._current_frames() with automatic garbage collection held off.
+
+    CPython (3.11) holds its thread-list lock (HEAD_LOCK) while building that dict, and the
+    allocations can trigger a collection; if the collection frees a ``threading.local`` (a dead
+    Kernel's task registry), its destructor takes the same non-recursive lock: the thread hangs
+    in C, and with it every thread that needs the lock (thread creation, exit, pytest-timeout's
+    own stack dump). No collection, no re-entry."""
+    with _gc_toggle:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return sys._current_frames()
+        finally:
+            if enabled:
+                gc.enable()
 
 
 class KernelTornDown(BaseException):
@@ -76,7 +99,7 @@ class Task:
     def python_stack(self) -> str:
         """The thread's current Python stack (for hung-task and deadlock reports), without the
         innermost frames of the model's own waiting and reporting plumbing."""
-        frame = sys._current_frames().get(self.thread_ident)
+        frame = current_frames().get(self.thread_ident)
         if frame is None:
             return "       <not running>\n"
         stack = traceback.extract_stack(frame)
@@ -87,7 +110,13 @@ class Task:
 
 class _ExitSentinel:
     """Lives in the thread-local storage of a foreign thread; dropped when the thread ends,
-    which is when the kernel checks what the task still held (do_exit's checks)."""
+    which is when the kernel checks what the task still held (do_exit's checks).
+
+    It is also dropped when the kernel's ``threading.local`` itself is collected, and then the
+    finalizer may run in any thread, even inside the garbage collector while CPython holds its
+    thread-list lock (sys._current_frames() allocates under it). Kernel code there could start
+    a thread or wait for one (an RCU callback thread) and deadlock the interpreter, so only a
+    real task exit (in the exiting thread, kernel alive) runs the exit checks."""
 
     __slots__ = ("task",)
 
@@ -96,11 +125,12 @@ class _ExitSentinel:
 
     def __del__(self) -> None:
         task = self.task
-        if not task.exited:
-            try:
-                task.kernel._task_exit(task)
-            except Exception:  # never raise from a finalizer
-                pass
+        if task.exited or task.kernel.is_dead() or threading.get_ident() != task.thread_ident:
+            return
+        try:
+            task.kernel._task_exit(task)
+        except Exception:  # never raise from a finalizer
+            pass
 
 
 class TaskRegistry:
