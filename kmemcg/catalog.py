@@ -80,6 +80,19 @@ CATALOG: tuple[Bug, ...] = (
         "D: alias 1 -> 0, drops slab_mutex; C: kmem_cache_create merges (alias 0 -> 1); D: "
         "relocks, shuts down, frees; C: kmem_cache_alloc -> use-after-free.",
         "kmem_cache_destroy:slab_mutex_dropped"),
+    Bug(11, "root_destroy_without_flush", "v4.11-v4.17 (2017-2018)",
+        "seed 000; fixed by 92ee383f6daa (4.18)", ("v4.17",),
+        "The asynchronous memcg side outlives a root cache: kmem_cache_destroy() of the root "
+        "neither marks it dying nor waits for the memcg cache workqueue and the RCU callbacks, "
+        "so a child's deactivation still queued (call_rcu, then kmemcg_deactivate_workfn) "
+        "shrinks a child the root destroy already freed (the 4.17 GPF in has_cpu_slab), or a "
+        "queued creation reads the freed root.",
+        (F.KASAN_UAF,),
+        "O: memcg offline -> child unpublished, call_rcu(deactivate) pending; D: destroy the "
+        "root -> children shut down and freed; the RCU callback queues the work; the work: "
+        "__kmem_cache_shrink(child) -> has_cpu_slab -> use-after-free. The deterministic test "
+        "holds the grace period open with an RCU reader.",
+        None),
 )
 
 BY_NAME = {b.name: b for b in CATALOG}

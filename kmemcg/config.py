@@ -60,6 +60,10 @@ PRESETS: dict[str, Preset] = {
         Preset("v3.16", "Linux 3.16-3.18 (2014)", HOTPLUG_2012, _carried("v3.16"),
                "kmem_cache_destroy() drops slab_mutex after the alias count reached zero, "
                "and find_mergeable() still offers the doomed cache to kmem_cache_create()."),
+        Preset("v4.17", "Linux 4.11-4.17 (2018)", HOTPLUG_PERCPU_RWSEM, _carried("v4.17"),
+               "Asynchronous memcg cache deactivation (call_rcu, then a work) and creation, "
+               "and a root kmem_cache_destroy() that waits for neither (seed 000); fixed by "
+               "92ee383f6daa (4.18)."),
         Preset("fixed", "every fix applied", HOTPLUG_PERCPU_RWSEM, _carried("fixed"),
                "The per-memcg-cache design with every catalog fix applied."),
     )

@@ -149,11 +149,12 @@ class MemcgSlab:
     def _deactivate_workfn(self, c: KmemCache) -> None:
         """kmemcg_deactivate_workfn -> __kmem_cache_shrink: the child's empty slabs go."""
         k = self._k
-        memcg = c.memcg_params.memcg
         with k.slab.cpus_and_slab_mutex():
-            k.slab.slub.kmem_cache_shrink(c)
+            k.slab.slub.kmem_cache_shrink(c)  # deact_fn(s): flush_all -> has_cpu_slab(c)
             self.nr_deactivated += 1
-        k.memcg.css_put(memcg)
+        # done: put the pin taken at deactivation (read only now, as the kernel does; the
+        # pin is what keeps c alive until here)
+        k.memcg.css_put(c.memcg_params.memcg)
 
     # ------------------------------------------------------------------ destruction
     def memcg_destroy_kmem_caches(self, memcg: MemCgroup) -> None:

@@ -18,6 +18,9 @@ Bug switches restored here, each at the point its fix changed:
   find_mergeable() can hand it to a concurrent kmem_cache_create().
 * ``put_online_cpus_imbalance`` (seed 004): a leaking put_online_cpus(). The seed thread never
   found the leaking caller; the model puts it on kmem_cache_shrink()'s way out.
+* ``root_destroy_without_flush`` (4.11-4.17, seed 000; fixed by 92ee383f6daa): the root is
+  neither marked dying nor is the memcg side (RCU callbacks, memcg_kmem_cache_wq) flushed before
+  its children are shut down and freed.
 
 Unlinking a cache from slab_caches is checked as CONFIG_DEBUG_LIST does: a second unlink (two
 destroyers of one cache, which the alias race allows) is reported as "list_del corruption"
@@ -164,7 +167,8 @@ class SlabCommon:
                     self.slab_mutex.unlock()
                     k.window("kmem_cache_destroy:slab_mutex_dropped")
                     self.slab_mutex.lock()
-                elif s.flags & SLAB_ACCOUNT and k.memcg_slab is not None:
+                elif s.flags & SLAB_ACCOUNT and k.memcg_slab is not None and \
+                        not cfg.bug("root_destroy_without_flush"):
                     # The fixed design: mark the root dying under slab_mutex (nothing is
                     # created, deactivated or merged for it any more), then, with no lock
                     # held (the works take them), let every pending creation and
