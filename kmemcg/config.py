@@ -17,10 +17,12 @@ v3.6      2012 CPU-hotplug refcount lock; rcu_barrier() takes get_online_cpus() 
           bug ``destroy_rcu_barrier_under_slab_mutex`` (seed 004)
 v3.16     slab side of 3.16-3.18: destroy drops slab_mutex with the alias count at zero
           to destroy memcg children: bug ``alias_race`` (Dec 2014)
+v4.17     asynchronous memcg cache creation and deactivation, and a root destroy that waits
+          for neither: bug ``root_destroy_without_flush`` (seed 000; fixed by 92ee383f6daa)
 fixed     every fix applied (default)
 ========  =============================================================================
 
-The memcg eras (v3.13, v4.17, v4.18, v5.3, v5.9) arrive with the memcg layer.
+The other memcg eras (v3.13, v4.18, v5.3, v5.9) are still to come (docs/memcg-eras.md).
 """
 
 from __future__ import annotations
