@@ -202,6 +202,11 @@ class SlabCommon:
                 else:
                     self.slab_mutex.unlock()  # 210ed9defffc: unlock before rcu_barrier()
                     unlocked = True
+                    # and, as today's kernel does, leave the hotplug read side too: a writer
+                    # queued on the percpu rwsem would otherwise hold back anything the
+                    # barrier waits for that needs the read side
+                    hp.put_online_cpus()
+                    cpus_held = False
                     k.window("kmem_cache_destroy:unlocked")
                     if s.typesafe and not cfg.bug("destroy_without_rcu_barrier"):
                         k.rcu.barrier()  # pending rcu_free_slab() callbacks read the cache
