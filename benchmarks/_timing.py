@@ -14,3 +14,16 @@ def best(fn: Callable[[int], object], n: int, reps: int = 5) -> float:
         fn(n)
         out.append((time.perf_counter_ns() - t) / n)
     return min(out)
+
+
+def raw_lock_loop() -> Callable[[int], None]:
+    """The baseline every lock figure is divided by: n acquire+release of a threading.Lock."""
+    import threading
+    raw = threading.Lock()
+
+    def loop(n: int) -> None:
+        acq, rel = raw.acquire, raw.release
+        for _ in range(n):
+            acq()
+            rel()
+    return loop

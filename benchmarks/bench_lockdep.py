@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import best  # noqa: E402
+from _timing import best, raw_lock_loop  # noqa: E402
 
 from kmemcg import Kernel  # noqa: E402
 
@@ -54,11 +54,7 @@ class BareWrapper:
 def bench_lock_paths(n: int) -> dict[str, float]:
     raw = threading.Lock()
 
-    def raw_loop(n: int) -> None:
-        acq, rel = raw.acquire, raw.release
-        for _ in range(n):
-            acq()
-            rel()
+    raw_loop = raw_lock_loop()
 
     tls = threading.local()
     tls.held = []

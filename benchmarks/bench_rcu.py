@@ -25,20 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import best  # noqa: E402
+from _timing import best, raw_lock_loop  # noqa: E402
 
 from kmemcg import Kernel  # noqa: E402
 
 
 def bench_read_side(n: int) -> None:
     print("== read side (ns per lock+unlock pair, best of 5) ==")
-    raw = threading.Lock()
-
-    def raw_loop(n: int) -> None:
-        acq, rel = raw.acquire, raw.release
-        for _ in range(n):
-            acq()
-            rel()
+    raw_loop = raw_lock_loop()
 
     base = best(raw_loop, n)
     print(f"  threading.Lock acquire+release      {base:8.0f} ns   1.0x")

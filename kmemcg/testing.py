@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kmemcg.core.task import KThread
+    from kmemcg.core.task import KThread, Task
     from kmemcg.kernel import Kernel
 
 
@@ -44,3 +44,18 @@ def held_by_another_task(k: Kernel, lock: Any, name: str = "holder",
     finally:
         done.set()
         t.join(timeout)
+
+
+class Hold:
+    """Something a model thread sleeps on (``k.waits.wait(task, hold, hold.ev.wait)``) until
+    the test calls :meth:`release`; nobody "owns" it for the deadlock detector."""
+
+    def __init__(self, name: str = "test_hold") -> None:
+        self.name = name
+        self.ev = threading.Event()
+
+    def release(self) -> None:
+        self.ev.set()
+
+    def waiter_owners(self) -> list[Task]:
+        return []

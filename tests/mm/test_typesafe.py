@@ -19,23 +19,10 @@ from kmemcg.core import findings as F
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.slub import SLAB_TYPESAFE_BY_RCU, KmemCache
 from kmemcg.mm.typesafe import TypesafeTable, typesafe_delete, typesafe_insert, typesafe_lookup
+from kmemcg.testing import Hold
 
 JOIN = 20.0
 BUG_NO_GP = "typesafe_page_freed_without_grace_period"
-
-
-class Hold:
-    """Something a model thread sleeps on (through k.waits) until the test releases it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.ev = threading.Event()
-
-    def release(self) -> None:
-        self.ev.set()
-
-    def waiter_owners(self) -> list[Task]:
-        return []
 
 
 class Reader:

@@ -12,20 +12,7 @@ from typing import Any
 
 from kmemcg import Instrument, Kernel, Task
 from kmemcg.core import findings as F
-
-
-class Hold:
-    """Something a test thread sleeps on until the test releases it."""
-
-    def __init__(self, name: str = "test_hold") -> None:
-        self.name = name
-        self.ev = threading.Event()
-
-    def release(self) -> None:
-        self.ev.set()
-
-    def waiter_owners(self) -> list[Task]:
-        return []
+from kmemcg.testing import Hold  # noqa: F401  (re-exported to the tests)
 
 
 def block(k: Kernel, hold: Hold) -> None:
