@@ -28,6 +28,9 @@ class Bug:
     # preset of another design brings it along (e.g. rcu_barrier() taking the 2012 hotplug
     # lock, without which holding slab_mutex across it is no inversion at all).
     requires_hotplug: str | None = None
+    # The memcg designs (kmemcg.config.MEMCG_*) whose code carries the switch point; a switch
+    # over a preset of another design brings the first along. Empty: any design.
+    requires_memcg: tuple[str, ...] = ()
 
 
 CATALOG: tuple[Bug, ...] = (
@@ -80,6 +83,61 @@ CATALOG: tuple[Bug, ...] = (
         "D: alias 1 -> 0, drops slab_mutex; C: kmem_cache_create merges (alias 0 -> 1); D: "
         "relocks, shuts down, frees; C: kmem_cache_alloc -> use-after-free.",
         "kmem_cache_destroy:slab_mutex_dropped"),
+    Bug(6, "shrink_under_slab_caches_mutex", "3.8-3.15 (what-if; seed 001/002)",
+        "seed 001/002; avoided by the destroy work, fixed for good by bd67314586a3 (3.16)", (),
+        "Memcg offline shrinks and destroys its caches directly while walking its cache list "
+        "under memcg->slab_caches_mutex, as seed 002's review asked. Creation takes "
+        "slab_mutex -> slab_caches_mutex (memcg_cache_list_add), destroy takes slab_mutex "
+        "under it: a lockdep cycle; and destroying a child takes the same slab_caches_mutex "
+        "again (memcg_release_cache): recursive locking.",
+        (F.CIRCULAR_LOCKING, F.RECURSIVE_LOCKING),
+        "O: mutex_lock(memcg->slab_caches_mutex); kmem_cache_destroy(child) -> slab_mutex. "
+        "C: creation work: slab_mutex -> memcg_cache_list_add -> slab_caches_mutex. "
+        "Sequential is enough: one lockdep class for every memcg's mutex.", None,
+        requires_memcg=("v3.13",)),
+    Bug(7, "memcg_create_without_slab_mutex_recheck", "3.8-3.13",
+        "seed 001; fixed by 2edefe1155b3 (3.14)", ("v3.13",),
+        "Child-cache creators check and publish the memcg_caches slot under memcg_cache_mutex "
+        "only, while memcg_update_cache_size() relocates the array under slab_mutex and "
+        "publishes it empty before copying: a creator that read the empty new array creates "
+        "a second child and overwrites the first (leaked, still on slab_caches), or "
+        "publishes into the old array after the copy (lost).",
+        (F.ASSERTION, F.MEMLEAK),
+        "W2: memcg_cache_mutex, reads slot; A: activation relocates (new array published "
+        "empty), W2 reads NULL; A copies X; W2 creates Y and publishes over X: the "
+        "VM_BUG_ON(slot already set) the fix added, or X leaked.",
+        "memcg_create_kmem_cache:checked", requires_memcg=("v3.13",)),
+    Bug(8, "destroy_work_scheduled_twice", "3.8-3.15",
+        "Davydov, linux-mm 26 Feb 2014; gone with 1e32e77f95d6 (3.16)", ("v3.13",),
+        "The freer of a dead child's last page schedules the destroy work after dropping "
+        "nr_pages to zero (memcg_release_pages -> mem_cgroup_destroy_cache); the destroy work "
+        "queued at offline sees zero meanwhile and destroys the cache: the freer then reads "
+        "the freed cache's params and work.",
+        (F.KASAN_UAF,),
+        "F: __free_slab, atomic_sub_and_test(nr_pages) -> 0; W: destroy work reads 0, "
+        "kmem_cache_destroy(child) frees it; F: mem_cgroup_destroy_cache(child) reads "
+        "params->dead: use-after-free.",
+        "memcg_release_pages:after_sub", requires_memcg=("v3.13",)),
+    Bug(9, "get_cache_without_reference", "3.8-3.18",
+        "seed 002; fixed in 3.19 (css reference from memcg_kmem_get_cache to "
+        "memcg_kmem_put_cache)", ("v3.13", "v3.16"),
+        "memcg_kmem_get_cache() returns the child cache without any reference: between it and "
+        "the allocation the task moves away, the memcg goes offline and its empty child cache "
+        "is destroyed; the allocation then runs on the freed cache.",
+        (F.KASAN_UAF,),
+        "T: get_cache returns child C (empty); M: move T out, offline the memcg -> C "
+        "destroyed; T: slab_alloc(C) -> use-after-free.",
+        "memcg_kmem_get_cache:returned", requires_memcg=("v3.13", "v3.16", "v4")),
+    Bug(10, "free_path_touches_cache_after_uncharge", "3.8-3.18", "seed 002 (Davydov)",
+        ("v3.13", "v3.16"),
+        "The free path drops the count that allows a dead child's destruction (nr_pages, "
+        "memcg_release_pages / memcg_uncharge_slab) and then still touches the cache "
+        "(stat(s, FREE_SLAB), the node list_lock): a destroyer that saw the count reach zero "
+        "has freed it by then.",
+        (F.KASAN_UAF,),
+        "F: discard the dead child's last slab, nr_pages -> 0; W: sees 0, destroys C; "
+        "F: stat(C, FREE_SLAB) -> use-after-free.",
+        "memcg_uncharge_slab:after_put", requires_memcg=("v3.13", "v3.16", "v4")),
     Bug(11, "root_destroy_without_flush", "v4.11-v4.17 (2017-2018)",
         "seed 000; fixed by 92ee383f6daa (4.18)", ("v4.17",),
         "The asynchronous memcg side outlives a root cache: kmem_cache_destroy() of the root "
@@ -92,7 +150,68 @@ CATALOG: tuple[Bug, ...] = (
         "root -> children shut down and freed; the RCU callback queues the work; the work: "
         "__kmem_cache_shrink(child) -> has_cpu_slab -> use-after-free. The deterministic test "
         "holds the grace period open with an RCU reader.",
-        None),
+        None, requires_memcg=("v4", "v4-refcount")),
+    Bug(12, "alias_count_dec_without_slab_mutex", "seed 000 v1/v2 (May 2018)",
+        "seed 000 review (Andrew Morton: which lock protects the count?)", ("v4.18-refcount",),
+        "Seed 000's refcount design splits the root's alias count from a lifetime refcount, "
+        "but kmem_cache_destroy() decrements the alias count without slab_mutex while "
+        "kmem_cache_create() increments it under slab_mutex: an update is lost, the count "
+        "never reaches zero (the cache leaks) or goes negative (VM_BUG_ON in "
+        "__kmem_cache_destroy).",
+        (F.ASSERTION, F.MEMLEAK, F.REFCOUNT),
+        "D: kmem_cache_destroy reads alias_count 2; C: merges under slab_mutex, 2 -> 3; D: "
+        "writes 1: the increment is lost.",
+        "kmem_cache_destroy:alias_dec_unlocked", requires_memcg=("v4-refcount",)),
+    Bug(13, "memcg_params_freed_without_rcu", "3.8-3.13", "fixed by f8570263ee16 (3.14)",
+        ("v3.13",),
+        "memcg_update_cache_size() kfree()s a root's old memcg_params right after publishing "
+        "the new one, while lock-free readers (memcg_kmem_get_cache) may still be reading "
+        "the old array.",
+        (F.KASAN_UAF,),
+        "R: rcu_read_lock, loads p = s->memcg_params; A: publishes a bigger copy, kfree(p); "
+        "R: reads p->memcg_caches[idx] -> use-after-free.",
+        "cache_from_memcg_idx:array", requires_memcg=("v3.13",)),
+    Bug(14, "cancel_work_sync_self_freeing_work", "3.8-3.15",
+        "CentOS 7.4 hang (3.10.0-693); gone with bd67314586a3 (3.16)", ("v3.13",),
+        "Root destroy loads a child, cancel_work_sync()s its destroy work and destroys it; if "
+        "the work was running, it destroyed the child (and the work itself) meanwhile, and "
+        "the root destroy then destroys the freed child.",
+        (F.KASAN_UAF,),
+        "O: offline queues destroy(C); W: runs, nr_pages 0; D: root destroy loads C, "
+        "cancel_work_sync waits; W: kmem_cache_destroy(C) frees C; D: kmem_cache_destroy(C) "
+        "-> use-after-free.",
+        "kmem_cache_destroy_memcg_children:got_child", requires_memcg=("v3.13",)),
+    Bug(15, "children_destroyed_before_alias_check", "3.8-3.14",
+        "fixed by b8529907ba35 (3.15)", ("v3.13",),
+        "kmem_cache_destroy() destroys a root's memcg children before dropping its alias "
+        "count: destroying one alias of a merged root destroys children that the other "
+        "aliases' users still allocate from.",
+        (F.SLAB_CACHE_NOT_EMPTY, F.KASAN_UAF),
+        "A's cache merged into R (2 aliases); memcg M's child R(M) holds B's objects; A "
+        "unloads: the children go first -> \"Slab cache still has objects\", or R(M) empty "
+        "is destroyed under a B allocation -> use-after-free.",
+        "kmem_cache_destroy:before_alias_check", requires_memcg=("v3.13",)),
+    Bug(16, "percpu_ref_exit_while_switching", "5.3-5.4",
+        "fixed by a264df74df38 (Nov 2019)", ("v5.3",),
+        "Root destroy waits one grace period and flushes the memcg workqueue, but the "
+        "deactivation work's percpu_ref_kill() needs one more grace period to switch to "
+        "atomic mode: the child is shut down and percpu_ref_exit() runs while the switch "
+        "is pending.",
+        (F.REFCOUNT, F.KASAN_UAF),
+        "O: offline -> kmemcg_cache_deactivate(C) -> call_rcu; D: root destroy: dying, "
+        "rcu_barrier (the callback queues the work), flush_workqueue (the work kills the "
+        "ref: switch pending), shutdown_cache(C) -> percpu_ref_exit while switching.",
+        "percpu_ref_kill:switch_pending", requires_memcg=("v5.3",)),
+    Bug(17, "dying_set_before_alias_check", "4.18-5.7",
+        "fixed by d38a2b7a9c93 (5.8)", ("v4.18", "v5.3"),
+        "flush_memcg_workqueue() marks the root dying before the alias count is dropped: "
+        "destroying one alias leaves the surviving root dying for good, so the children of "
+        "memcgs going offline are never deactivated: their empty slabs pin the memcg "
+        "(4.18-5.2) or the child and its memcg are never released (5.3-5.7).",
+        (F.MEMLEAK,),
+        "Create A merged into B (2 aliases); destroy A: B dying, 2 -> 1; memcg M allocates "
+        "from B -> child B(M); rmdir M: deactivation skipped -> B(M) and M leak.",
+        "kmem_cache_destroy:dying_set", requires_memcg=("v4", "v5.3")),
 )
 
 BY_NAME = {b.name: b for b in CATALOG}

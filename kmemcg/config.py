@@ -10,19 +10,31 @@ checkers never read the configuration: they find bugs from behaviour alone.
 Presets and the catalog bugs each carries (fixing commits in :mod:`kmemcg.catalog`):
 
 ========  =============================================================================
-preset    design and bugs
-========  =============================================================================
-v3.6      2012 CPU-hotplug refcount lock; rcu_barrier() takes get_online_cpus() (commit
-          1331e7a1bbe1); kmem_cache_destroy holds slab_mutex across rcu_barrier():
-          bug ``destroy_rcu_barrier_under_slab_mutex`` (seed 004)
-v3.16     slab side of 3.16-3.18: destroy drops slab_mutex with the alias count at zero
-          to destroy memcg children: bug ``alias_race`` (Dec 2014)
-v4.17     asynchronous memcg cache creation and deactivation, and a root destroy that waits
-          for neither: bug ``root_destroy_without_flush`` (seed 000; fixed by 92ee383f6daa)
-fixed     every fix applied (default)
-========  =============================================================================
+preset         design and bugs
+=============  ==========================================================================
+v3.6           2012 CPU-hotplug refcount lock; rcu_barrier() takes get_online_cpus() (commit
+               1331e7a1bbe1); kmem_cache_destroy holds slab_mutex across rcu_barrier():
+               bug ``destroy_rcu_barrier_under_slab_mutex`` (seed 004)
+v3.13          memcg design of 3.8-3.15: per-memcg slab_caches_mutex, creation under
+               memcg_cache_mutex on the system workqueue, destroy work with ``dead`` and
+               ``nr_pages``; bugs 7, 8, 9, 10 and the 3.8-3.15 extras (catalog)
+v3.16          3.16-3.18: one global memcg_slab_mutex (seed 001); destroy drops slab_mutex
+               with the alias count at zero to destroy memcg children: bugs ``alias_race``
+               (Dec 2014), 9 and 10
+v4.17          asynchronous memcg cache creation and deactivation, and a root destroy that waits
+               for neither: bug ``root_destroy_without_flush`` (seed 000; fixed by 92ee383f6daa)
+v4.18          the merged fix 92ee383f6daa (root ``dying`` + flush_memcg_workqueue, set before
+               the alias check)
+v4.18-refcount seed 000's alternative fix: a lifetime refcount on the root next to the alias
+               count, which kmem_cache_destroy() decrements without slab_mutex: bug 12
+v5.3           percpu_ref-counted child caches (f0a3a24b532d): a264df74df38 and d38a2b7a9c93
+               not yet applied
+v5.9           no per-memcg caches: objects charged to an obj_cgroup
+fixed          every fix applied (default)
+=============  ==========================================================================
 
-The other memcg eras (v3.13, v4.18, v5.3, v5.9) are still to come (docs/memcg-eras.md).
+``memcg`` names the per-memcg cache design a preset runs (kmemcg.mm.memcg_designs); like the
+hotplug design, a switched-on bug brings the design its code path lives in.
 """
 
 from __future__ import annotations
@@ -35,12 +47,22 @@ HOTPLUG_2012 = "2012"
 HOTPLUG_PERCPU_RWSEM = "percpu_rwsem"
 HOTPLUG_DESIGNS = (HOTPLUG_2012, HOTPLUG_PERCPU_RWSEM)
 
+# The per-memcg kmem cache designs (docs/memcg-eras.md), by the release that introduced them
+MEMCG_V313 = "v3.13"  # 3.8-3.15: slab_caches_mutex, destroy work, dead + nr_pages
+MEMCG_V316 = "v3.16"  # 3.16-3.18: global memcg_slab_mutex
+MEMCG_V4 = "v4"  # 3.19-5.2: css-pinned children, async deactivation (4.11), dying (4.18)
+MEMCG_V4_REFCOUNT = "v4-refcount"  # seed 000's alternative: root lifetime refcount
+MEMCG_V53 = "v5.3"  # 5.3-5.8: percpu_ref-counted children
+MEMCG_V59 = "v5.9"  # 5.9+: obj_cgroup, no per-memcg caches
+MEMCG_DESIGNS = (MEMCG_V313, MEMCG_V316, MEMCG_V4, MEMCG_V4_REFCOUNT, MEMCG_V53, MEMCG_V59)
+
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     release: str  # what it models
     hotplug: str
+    memcg: str
     bugs: frozenset[str]
     doc: str
 
@@ -56,17 +78,39 @@ def _carried(preset: str) -> frozenset[str]:
 
 PRESETS: dict[str, Preset] = {
     p.name: p for p in (
-        Preset("v3.6", "Linux 3.6 (2012)", HOTPLUG_2012, _carried("v3.6"),
+        Preset("v3.6", "Linux 3.6 (2012)", HOTPLUG_2012, MEMCG_V4, _carried("v3.6"),
                "kmem_cache_destroy() holds slab_mutex across rcu_barrier(), which takes "
                "get_online_cpus() since 1331e7a1bbe1; fixed by 210ed9defffc (3.7)."),
-        Preset("v3.16", "Linux 3.16-3.18 (2014)", HOTPLUG_2012, _carried("v3.16"),
-               "kmem_cache_destroy() drops slab_mutex after the alias count reached zero, "
-               "and find_mergeable() still offers the doomed cache to kmem_cache_create()."),
-        Preset("v4.17", "Linux 4.11-4.17 (2018)", HOTPLUG_PERCPU_RWSEM, _carried("v4.17"),
+        Preset("v3.13", "Linux 3.8-3.15 (2013)", HOTPLUG_2012, MEMCG_V313, _carried("v3.13"),
+               "Per-memcg slab_caches_mutex (activate_kmem_mutex -> slab_mutex -> "
+               "memcg::slab_caches_mutex), creation under memcg_cache_mutex, offline marks "
+               "caches dead and queues destroy works, the last freed page may queue one too."),
+        Preset("v3.16", "Linux 3.16-3.18 (2014)", HOTPLUG_2012, MEMCG_V316, _carried("v3.16"),
+               "One global memcg_slab_mutex (activate_kmem_mutex -> memcg_slab_mutex -> "
+               "slab_mutex, seed 001); kmem_cache_destroy() drops slab_mutex after the alias "
+               "count reached zero to destroy the children, and find_mergeable() still "
+               "offers the doomed cache to kmem_cache_create()."),
+        Preset("v4.17", "Linux 4.11-4.17 (2018)", HOTPLUG_PERCPU_RWSEM, MEMCG_V4,
+               _carried("v4.17"),
                "Asynchronous memcg cache deactivation (call_rcu, then a work) and creation, "
                "and a root kmem_cache_destroy() that waits for neither (seed 000); fixed by "
                "92ee383f6daa (4.18)."),
-        Preset("fixed", "every fix applied", HOTPLUG_PERCPU_RWSEM, _carried("fixed"),
+        Preset("v4.18", "Linux 4.18-5.2 (2018)", HOTPLUG_PERCPU_RWSEM, MEMCG_V4,
+               _carried("v4.18"),
+               "The merged fix 92ee383f6daa: the root is marked dying and the memcg side "
+               "flushed (rcu_barrier, flush_workqueue) before the alias check."),
+        Preset("v4.18-refcount", "seed 000's v1/v2 fix (May 2018)", HOTPLUG_PERCPU_RWSEM,
+               MEMCG_V4_REFCOUNT, _carried("v4.18-refcount"),
+               "Seed 000's alternative: a refcount_t lifetime reference on the root taken by "
+               "queued creations and deactivations, and the alias count split out (and "
+               "decremented without slab_mutex)."),
+        Preset("v5.3", "Linux 5.3-5.7 (2019)", HOTPLUG_PERCPU_RWSEM, MEMCG_V53,
+               _carried("v5.3"),
+               "percpu_ref-counted child caches (f0a3a24b532d): a reference per charged page "
+               "and per allocation in flight, killed at deactivation, released by a work."),
+        Preset("v5.9", "Linux 5.9+ (2020)", HOTPLUG_PERCPU_RWSEM, MEMCG_V59, _carried("v5.9"),
+               "No per-memcg caches: every object is charged to an obj_cgroup (10befea91b61)."),
+        Preset("fixed", "every fix applied", HOTPLUG_PERCPU_RWSEM, MEMCG_V4, _carried("fixed"),
                "The per-memcg-cache design with every catalog fix applied."),
     )
 }
@@ -83,10 +127,11 @@ class Config:
     preset: str = "fixed"
     bugs: frozenset[str] = field(default_factory=frozenset)
     hotplug: str = HOTPLUG_PERCPU_RWSEM
+    memcg: str = MEMCG_V4
 
     @classmethod
     def make(cls, preset: str = "fixed", bugs: list[str] | tuple[str, ...] = (),
-             hotplug: str | None = None) -> Config:
+             hotplug: str | None = None, memcg: str | None = None) -> Config:
         p = PRESETS.get(preset)
         if p is None:
             raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
@@ -98,12 +143,22 @@ class Config:
         if hotplug is not None and hotplug not in HOTPLUG_DESIGNS:
             raise ConfigError(f"unknown hotplug design {hotplug!r} (choose from "
                               f"{', '.join(HOTPLUG_DESIGNS)})")
+        if memcg is not None and memcg not in MEMCG_DESIGNS:
+            raise ConfigError(f"unknown memcg design {memcg!r} (choose from "
+                              f"{', '.join(MEMCG_DESIGNS)})")
         all_bugs = p.bugs | frozenset(bugs)
         if hotplug is None:
             # a switched-on bug brings the hotplug design its historical code path needs
             needed = {BY_NAME[b].requires_hotplug for b in bugs} - {None}
             hotplug = needed.pop() if len(needed) == 1 else p.hotplug
-        return cls(preset, all_bugs, hotplug)
+        if memcg is None:
+            # ... and the memcg design its code lives in, unless the preset's has it too
+            memcg = p.memcg
+            for b in bugs:
+                designs = BY_NAME[b].requires_memcg
+                if designs and memcg not in designs:
+                    memcg = designs[0]
+        return cls(preset, all_bugs, hotplug, memcg)
 
     def bug(self, name: str) -> bool:
         """Is the historical code path ``name`` switched on? Called only at the point where

@@ -1,5 +1,12 @@
-"""Per-memcg kmem caches, the fixed design (mm/memcontrol.c + mm/slab_common.c as of 4.18 with
-the later fixes; docs/memcg-eras.md sections 3-4 and 7).
+"""Per-memcg kmem caches, the v4 design (3.19-5.2: mm/memcontrol.c + mm/slab_common.c), with
+every fix by default (4.18's dying + flush, 5.8's ordering); docs/memcg-eras.md sections 3-4.
+
+This class is also the interface every memcg design implements (the slab layer calls only
+these): ``init_memcg_params``, ``slab_alloc`` (slab_pre/post_alloc_hook around the
+allocation), ``kmem_cache_free``, ``memcg_charge_slab`` / ``memcg_uncharge_slab`` (per child
+slab page), ``memcg_update_all_caches`` (kmem activation), ``memcg_deactivate_kmem_caches``
+(offline), ``memcg_destroy_kmem_caches`` (css_free) and ``kmem_cache_destroy`` (an accounted
+root). The other eras subclass it (kmemcg.mm.memcg_designs picks one per configuration).
 
 An allocation from a SLAB_ACCOUNT root cache by a task of a kmem-active memcg goes to that
 memcg's child of the root cache:
@@ -25,6 +32,11 @@ memcg's child of the root cache:
 
 Lock order: activate_kmem_mutex -> cpu hotplug (read) -> slab_mutex; the workqueue's works
 take cpu hotplug -> slab_mutex, so it is never flushed with either held.
+
+Bug switches restored here: ``get_cache_without_reference`` (9; the css reference is dropped
+at once, as before 3.19), ``free_path_touches_cache_after_uncharge`` (10),
+``root_destroy_without_flush`` (11; 4.11-4.17) and ``dying_set_before_alias_check`` (17;
+4.18-5.7: dying set and the flush done before the alias check).
 """
 
 from __future__ import annotations
@@ -34,12 +46,14 @@ from typing import TYPE_CHECKING
 from kmemcg.core import findings as F
 from kmemcg.core.report import banner
 from kmemcg.mm.memcontrol import KMEM_ONLINE, MemcgCacheParams
-from kmemcg.mm.slub import SLAB_ACCOUNT, KmemCache
+from kmemcg.mm.slab_common import DestroyLocks
+from kmemcg.mm.slub import SLAB_ACCOUNT, KmemCache, SlabObject
 from kmemcg.workqueue import Work, queue_work
 
 if TYPE_CHECKING:
     from kmemcg.kernel import Kernel
     from kmemcg.mm.memcontrol import MemCgroup
+    from kmemcg.mm.page_alloc import Page
 
 
 def is_child(s: KmemCache) -> bool:
@@ -55,6 +69,44 @@ class MemcgSlab:
         self.wq = k.create_workqueue("memcg_kmem_cache", max_active=1)
         self.nr_created = 0
         self.nr_deactivated = 0
+
+    # ------------------------------------------------------------------ slab hooks
+    def init_memcg_params(self, s: KmemCache) -> None:
+        """A new root cache (slab_mutex held): its array of per-memcg children."""
+        self._k.memcg.init_memcg_params(s)
+
+    def slab_alloc(self, s: KmemCache) -> SlabObject:
+        """An allocation from accounted root ``s``: slab_pre_alloc_hook() picks the cache,
+        slab_post_alloc_hook() drops what the pick pinned."""
+        slub = self._k.slab.slub
+        c = self.memcg_kmem_get_cache(s)
+        if c is s:
+            return slub.slab_alloc_node(s)
+        self._k.window("memcg_kmem_get_cache:returned")
+        try:
+            return slub.slab_alloc_node(c)
+        finally:
+            self.memcg_kmem_put_cache(c)
+
+    def kmem_cache_free(self, s: KmemCache, obj: SlabObject) -> None:
+        self._k.slab.free_to_cache(s, obj)
+
+    def memcg_charge_slab(self, s: KmemCache, page: Page) -> None:
+        """A new slab page of child ``s``: it pins the memcg (css_get_many in try_charge)."""
+        self._k.memcg.css_get(s.memcg_params.memcg)
+
+    def memcg_uncharge_slab(self, s: KmemCache, page: Page) -> None:
+        """The page is gone: unpin the memcg. The last access to ``s`` unless bug 10 is on."""
+        k = self._k
+        memcg = s.memcg_params.memcg
+        k.memcg.css_put(memcg)
+        if k.config.bug("free_path_touches_cache_after_uncharge"):
+            k.window("memcg_uncharge_slab:after_put")
+            s.nr_partial  # noqa: B018  stat(s, FREE_SLAB) after the put that allowed the free
+
+    def memcg_update_all_caches(self, num: int) -> None:
+        """kmem activation grew the ids (caller holds activate_kmem_mutex)."""
+        self._k.memcg.memcg_update_all_caches(num)
 
     # ------------------------------------------------------------------ lookup
     def memcg_kmem_get_cache(self, s: KmemCache) -> KmemCache:
@@ -73,6 +125,8 @@ class MemcgSlab:
         if kid >= 0:
             c = mc.cache_from_memcg_idx(s, kid)
             if c is not None:
+                if k.config.bug("get_cache_without_reference"):
+                    mc.css_put(memcg)  # before 3.19: nothing holds the child meanwhile
                 return c  # the css reference goes with it
             if memcg.kmem_state == KMEM_ONLINE:
                 self.memcg_schedule_kmem_cache_create(memcg, s)
@@ -80,7 +134,7 @@ class MemcgSlab:
         return s
 
     def memcg_kmem_put_cache(self, c: KmemCache) -> None:
-        if is_child(c):
+        if is_child(c) and not self._k.config.bug("get_cache_without_reference"):
             self._k.memcg.css_put(c.memcg_params.memcg)
 
     # ------------------------------------------------------------------ creation
@@ -155,6 +209,44 @@ class MemcgSlab:
         # done: put the pin taken at deactivation (read only now, as the kernel does; the
         # pin is what keeps c alive until here)
         k.memcg.css_put(c.memcg_params.memcg)
+
+    # ------------------------------------------------------------------ root destroy
+    def kmem_cache_destroy(self, s: KmemCache) -> None:
+        """kmem_cache_destroy() of an accounted root: once the alias count reaches zero, mark
+        it ``dying`` (nothing is created, deactivated or merged for it any more), flush the
+        memcg side with no lock held (its works take them), then shut the children down with
+        the root (shutdown_memcg_caches)."""
+        k = self._k
+        cfg = k.config
+        sl = k.slab
+        if cfg.bug("dying_set_before_alias_check"):
+            # 4.18-5.7: flush_memcg_workqueue() first, whatever the alias count
+            self._set_dying(s)
+            k.window("kmem_cache_destroy:dying_set")
+            self.flush_memcg_workqueue(s)
+        with DestroyLocks(sl) as held:
+            s.alias_count -= 1
+            if s.alias_count:
+                return
+            sl.alias_race_window(held)
+            if not cfg.bug("dying_set_before_alias_check") and \
+                    not cfg.bug("root_destroy_without_flush"):
+                # d38a2b7a9c93: dying only once the last alias goes; flush with no lock held
+                s.memcg_params.dying = True
+                held.drop_all()
+                k.window("kmem_cache_destroy:flush")
+                self.flush_memcg_workqueue(s)
+                held.take_all()
+            ok, children = self.shutdown_memcg_caches(s)
+            held.after_unlock(lambda: self.release(children))
+            if not ok:  # a child still has objects (reported): the root stays
+                s.alias_count += 1
+                return
+            sl.shutdown_cache(s, held)
+
+    def _set_dying(self, s: KmemCache) -> None:
+        with self._k.slab.slab_mutex:
+            s.memcg_params.dying = True
 
     # ------------------------------------------------------------------ destruction
     def memcg_destroy_kmem_caches(self, memcg: MemCgroup) -> None:

@@ -48,7 +48,7 @@ class MemCgroup(KasanObject):
     ``nr_tasks`` under the subsystem's raw ``_tasks_lock`` (task exit cannot take mutexes)."""
 
     __slots__ = ("name", "serial", "parent", "children", "css_ref", "css_lock", "online",
-                 "kmem_state", "kmemcg_id", "nr_tasks", "kmem_caches")
+                 "kmem_state", "kmemcg_id", "nr_tasks", "kmem_caches", "design")
 
     def __init__(self, k: Kernel, name: str, serial: int, parent: MemCgroup | None) -> None:
         self.name = name
@@ -62,6 +62,7 @@ class MemCgroup(KasanObject):
         self.kmemcg_id = -1
         self.nr_tasks = 0
         self.kmem_caches: list[KmemCache] = []  # this memcg's child caches (slab_mutex)
+        self.design: Any = None  # the memcg design's own fields (e.g. 3.13's slab_caches_mutex)
 
     def __repr__(self) -> str:
         return f"<mem_cgroup {object.__getattribute__(self, 'name')}>"
@@ -259,8 +260,12 @@ class MemcgSubsys:
                 raise OverflowError("out of kmemcg ids")
             self._ids.add(kid)
             if kid >= self.nr_cache_ids:
-                self.memcg_update_all_caches(min(max(2 * (kid + 1), MEMCG_CACHES_MIN_SIZE),
-                                                 MEMCG_CACHES_MAX_SIZE))
+                num = min(max(2 * (kid + 1), MEMCG_CACHES_MIN_SIZE), MEMCG_CACHES_MAX_SIZE)
+                ms = self._k.memcg_slab
+                if ms is not None:
+                    ms.memcg_update_all_caches(num)  # the era's locking around it
+                else:
+                    self.memcg_update_all_caches(num)
             m.kmemcg_id = kid
             m.kmem_state = KMEM_ONLINE
         self._k.event("memcg_kmem_online", m)

@@ -33,7 +33,7 @@ class Page(KasanObject):
     """
 
     __slots__ = ("pfn", "slab_cache", "objects", "free", "frozen_cpu", "on_partial",
-                 "last_owner")
+                 "last_owner", "memcg_data")
 
     def __init__(self, pfn: int) -> None:
         self.pfn = pfn
@@ -43,6 +43,7 @@ class Page(KasanObject):
         self.frozen_cpu: int | None = None  # the CPU whose cpu slab this is
         self.on_partial = False
         self.last_owner = ""  # name of the cache that last held it (for type confusion)
+        self.memcg_data: Any = None  # page->mem_cgroup / page->obj_cgroups (memcg design)
 
     def __repr__(self) -> str:
         return f"<page pfn={object.__getattribute__(self, 'pfn')}>"

@@ -18,9 +18,10 @@ Bug switches restored here, each at the point its fix changed:
   find_mergeable() can hand it to a concurrent kmem_cache_create().
 * ``put_online_cpus_imbalance`` (seed 004): a leaking put_online_cpus(). The seed thread never
   found the leaking caller; the model puts it on kmem_cache_shrink()'s way out.
-* ``root_destroy_without_flush`` (4.11-4.17, seed 000; fixed by 92ee383f6daa): the root is
-  neither marked dying nor is the memcg side (RCU callbacks, memcg_kmem_cache_wq) flushed before
-  its children are shut down and freed.
+
+An accounted (SLAB_ACCOUNT) root cache is destroyed, allocated from and freed to through the
+memcg design in use (``k.memcg_slab``), which reuses :meth:`SlabCommon.shutdown_cache` and
+:class:`DestroyLocks` for the common part.
 
 Unlinking a cache from slab_caches is checked as CONFIG_DEBUG_LIST does: a second unlink (two
 destroyers of one cache, which the alias race allows) is reported as "list_del corruption"
@@ -56,6 +57,55 @@ WORD = 8
 
 def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
+
+
+class DestroyLocks:
+    """What a kmem_cache_destroy() holds right now (the hotplug read side, slab_mutex), so
+    that the paths that drop and retake them in the middle, and every way out including a
+    teardown, release exactly that. ``with DestroyLocks(sl) as held:`` takes both; functions
+    queued with :meth:`after_unlock` run once both are released (freeing what must not be
+    freed under slab_mutex)."""
+
+    def __init__(self, sl: SlabCommon) -> None:
+        self._sl = sl
+        self._hp = sl._k.hotplug
+        self.cpus = self.mutex = False
+        self._after: list[Callable[[], None]] = []
+
+    def __enter__(self) -> DestroyLocks:
+        self.take_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.drop_all()
+        finally:
+            after, self._after = self._after, []
+            for fn in after:
+                fn()
+
+    def take_all(self) -> None:
+        self._hp.get_online_cpus()
+        self.cpus = True
+        self.take_slab_mutex()
+
+    def drop_all(self) -> None:
+        self.drop_slab_mutex()
+        if self.cpus:
+            self.cpus = False
+            self._hp.put_online_cpus()
+
+    def take_slab_mutex(self) -> None:
+        self._sl.slab_mutex.lock()
+        self.mutex = True
+
+    def drop_slab_mutex(self) -> None:
+        if self.mutex:
+            self.mutex = False
+            self._sl.slab_mutex.unlock()
+
+    def after_unlock(self, fn: Callable[[], None]) -> None:
+        self._after.append(fn)
 
 
 class SlabCommon:
@@ -135,8 +185,8 @@ class SlabCommon:
         a = self._calc_align(flags, align, _align(size, WORD))
         s = KmemCache(k, name, size, _align(_align(size, WORD), a), a, flags, ctor)
         k.kasan.alloc(s, "kmem_cache", "the kmem_cache cache")
-        if k.memcg is not None:
-            k.memcg.init_memcg_params(s)  # a root cache: its array of per-memcg children
+        if k.memcg_slab is not None:
+            k.memcg_slab.init_memcg_params(s)  # a root cache: its per-memcg children
         self.slab_caches.append(s)
         s.on_list = True
         k.event("cache_create", s)
@@ -145,82 +195,60 @@ class SlabCommon:
     # ------------------------------------------------------------------ destroy
     def kmem_cache_destroy(self, s: KmemCache | None) -> None:
         """kmem_cache_destroy(): drop one alias; the last one shuts the cache down and frees
-        it. Objects still allocated: "Slab cache still has objects", the cache stays usable."""
+        it. Objects still allocated: "Slab cache still has objects", the cache stays usable.
+        An accounted root cache goes through the memcg design's destroy, which also takes
+        care of its per-memcg children (kmemcg.mm.memcg_slab and the era modules)."""
         if s is None:
             return
+        ms = self._k.memcg_slab
+        if ms is not None and s.flags & SLAB_ACCOUNT and s.memcg_params is not None and \
+                s.memcg_params.is_root_cache:
+            ms.kmem_cache_destroy(s)
+            return
+        with DestroyLocks(self) as held:
+            s.alias_count -= 1
+            if s.alias_count:
+                return
+            self.alias_race_window(held)
+            self.shutdown_cache(s, held)
+
+    def alias_race_window(self, held: DestroyLocks) -> None:
+        """The ``alias_race`` switch (3.16-3.18): slab_mutex dropped with the alias count at
+        zero and the cache still on slab_caches (the real code destroyed the memcg children
+        there)."""
+        if self._k.config.bug("alias_race"):
+            held.drop_slab_mutex()
+            self._k.window("kmem_cache_destroy:slab_mutex_dropped")
+            held.take_slab_mutex()
+
+    def shutdown_cache(self, s: KmemCache, held: DestroyLocks) -> bool:
+        """shutdown_cache() + release: caller holds what ``held`` says (cpus, slab_mutex) and
+        the alias count reached zero. Busy: reported, the alias restored, False. Otherwise
+        unlinked and freed (after rcu_barrier() for TYPESAFE_BY_RCU), True."""
         k = self._k
         cfg = k.config
-        hp = k.hotplug
-        hp.get_online_cpus()
-        cpus_held = True  # exactly what this call holds, for every way out (teardown too)
-        try:
-            self.slab_mutex.lock()
-            unlocked = False
-            children: list[KmemCache] = []  # per-memcg children unlinked: freed at the end
-            try:
-                s.alias_count -= 1
-                if s.alias_count:
-                    return
-                if cfg.bug("alias_race"):
-                    # 3.16-3.18: slab_mutex dropped with the count at zero and the cache still
-                    # on slab_caches (the memcg children were destroyed here).
-                    self.slab_mutex.unlock()
-                    k.window("kmem_cache_destroy:slab_mutex_dropped")
-                    self.slab_mutex.lock()
-                elif s.flags & SLAB_ACCOUNT and k.memcg_slab is not None and \
-                        not cfg.bug("root_destroy_without_flush"):
-                    # The fixed design: mark the root dying under slab_mutex (nothing is
-                    # created, deactivated or merged for it any more), then, with no lock
-                    # held (the works take them), let every pending creation and
-                    # deactivation finish (flush_memcg_workqueue).
-                    s.memcg_params.dying = True
-                    self.slab_mutex.unlock()
-                    unlocked = True
-                    hp.put_online_cpus()
-                    cpus_held = False
-                    k.window("kmem_cache_destroy:flush")
-                    k.memcg_slab.flush_memcg_workqueue(s)
-                    hp.get_online_cpus()
-                    cpus_held = True
-                    self.slab_mutex.lock()
-                    unlocked = False
-                if s.memcg_params is not None and s.memcg_params.children:
-                    ok, children = k.memcg_slab.shutdown_memcg_caches(s)
-                    if not ok:  # a child still has objects (reported): the root stays
-                        s.alias_count += 1
-                        return
-                busy = self.slub.kmem_cache_shutdown(s)
-                if busy:
-                    s.alias_count += 1  # the model lets the owner free its objects and retry
-                    self._report_busy(s, busy)
-                    return
-                if not self._list_del(s):
-                    return  # another destroyer unlinked it (alias race): its job now
-                if cfg.bug("destroy_rcu_barrier_under_slab_mutex"):
-                    if s.typesafe and not cfg.bug("destroy_without_rcu_barrier"):
-                        k.rcu.barrier()  # v3.6: under slab_mutex
-                else:
-                    self.slab_mutex.unlock()  # 210ed9defffc: unlock before rcu_barrier()
-                    unlocked = True
-                    # and, as today's kernel does, leave the hotplug read side too: a writer
-                    # queued on the percpu rwsem would otherwise hold back anything the
-                    # barrier waits for that needs the read side
-                    hp.put_online_cpus()
-                    cpus_held = False
-                    k.window("kmem_cache_destroy:unlocked")
-                    if s.typesafe and not cfg.bug("destroy_without_rcu_barrier"):
-                        k.rcu.barrier()  # pending rcu_free_slab() callbacks read the cache
-                k.event("cache_destroy", s)
-                self._release_memcg_params(s)
-                k.kasan.free(s)  # slab_kmem_cache_release()
-            finally:
-                if not unlocked:
-                    self.slab_mutex.unlock()
-                if children:
-                    k.memcg_slab.release(children)
-        finally:
-            if cpus_held:
-                hp.put_online_cpus()
+        busy = self.slub.kmem_cache_shutdown(s)
+        if busy:
+            s.alias_count += 1  # the model lets the owner free its objects and retry
+            self._report_busy(s, busy)
+            return False
+        if not self._list_del(s):
+            return False  # another destroyer unlinked it (alias race): its job now
+        if cfg.bug("destroy_rcu_barrier_under_slab_mutex"):
+            if s.typesafe and not cfg.bug("destroy_without_rcu_barrier"):
+                k.rcu.barrier()  # v3.6: under slab_mutex
+        else:
+            # 210ed9defffc: unlock before rcu_barrier(); and, as today's kernel does, leave
+            # the hotplug read side too: a writer queued on the percpu rwsem would otherwise
+            # hold back anything the barrier waits for that needs the read side
+            held.drop_all()
+            k.window("kmem_cache_destroy:unlocked")
+            if s.typesafe and not cfg.bug("destroy_without_rcu_barrier"):
+                k.rcu.barrier()  # pending rcu_free_slab() callbacks read the cache
+        k.event("cache_destroy", s)
+        self._release_memcg_params(s)
+        k.kasan.free(s)  # slab_kmem_cache_release()
+        return True
 
     def _list_del(self, s: KmemCache) -> bool:
         """list_del(&s->list) under slab_mutex, checked as CONFIG_DEBUG_LIST does: a cache
@@ -289,6 +317,13 @@ class SlabCommon:
     def kmem_cache_free(self, s: KmemCache, obj: SlabObject) -> None:
         """kmem_cache_free(): cache_from_obj() first: an object of a per-memcg child goes back
         to that child even when freed through its root cache."""
+        if s.flags & SLAB_ACCOUNT and self._k.memcg_slab is not None:
+            self._k.memcg_slab.kmem_cache_free(s, obj)
+            return
+        self.free_to_cache(s, obj)
+
+    def free_to_cache(self, s: KmemCache, obj: SlabObject) -> None:
+        """cache_from_obj() + slab_free()."""
         if not Kasan.is_freed(obj):
             c = obj.cache
             if c is not s and c.memcg_params is not None and \

@@ -139,7 +139,7 @@ class Slub:
         page.slab_cache = s
         p = s.memcg_params
         if p is not None and not p.is_root_cache:
-            self._k.memcg.css_get(p.memcg)  # memcg_charge_slab(): the page pins its memcg
+            self._k.memcg_slab.memcg_charge_slab(s, page)
         n = s.objects_per_slab
         page.free = list(range(n - 1, -1, -1))
         if s.typesafe:
@@ -176,28 +176,22 @@ class Slub:
         frees the page."""
         order = s.order  # noqa: F841  (the kernel reads oo_order(s->oo) here)
         p = s.memcg_params
-        memcg = p.memcg if p is not None and not p.is_root_cache else None
+        child = p is not None and not p.is_root_cache
         if s.typesafe:
             for o in page.objects:  # the type-stable memory goes away only now
                 self.kasan.poison(o)
         self._k.page_alloc.free_page(page)
-        if memcg is not None:
-            # memcg_uncharge_slab(), last: the cache is not touched after the reference that
-            # may let its destruction run is gone (seed 002's free-path bug)
-            self._k.memcg.css_put(memcg)
+        if child:
+            # memcg_uncharge_slab(), last: the cache is not touched after the count that may
+            # let its destruction run is dropped (seed 002's free-path bug, catalog 10)
+            self._k.memcg_slab.memcg_uncharge_slab(s, page)
 
     # ------------------------------------------------------------------ alloc
     def slab_alloc(self, s: KmemCache) -> SlabObject:
         """slab_alloc(): slab_pre_alloc_hook() first (a SLAB_ACCOUNT cache allocates from the
         current memcg's child cache, see kmemcg.mm.memcg_slab), then the allocation proper."""
         if s.flags & SLAB_ACCOUNT and self._k.memcg_slab is not None:
-            ms = self._k.memcg_slab
-            c = ms.memcg_kmem_get_cache(s)
-            if c is not s:
-                try:
-                    return self.slab_alloc_node(c)
-                finally:
-                    ms.memcg_kmem_put_cache(c)  # slab_post_alloc_hook()
+            return self._k.memcg_slab.slab_alloc(s)
         return self.slab_alloc_node(s)
 
     def slab_alloc_node(self, s: KmemCache) -> SlabObject:
