@@ -22,10 +22,12 @@ from kmemcg.core import findings as F
 from kmemcg.core.instrument import Perturb
 from stress import reporting
 from stress.args import Parser, UsageError
+from stress.cleanup import cleanup
 from stress.world import ROLES, WORKLOADS, World, assign_roles, run_role
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_DEADLOCK, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
+CLEANUP_TIMEOUT = 3.0  # seconds for the end-of-run cleanup and leak check
 PERTURB = {  # probability of a delay at a race window, and its longest sleep (s)
     "off": (0.0, 0.0),
     "light": (0.2, 0.001),
@@ -140,12 +142,14 @@ def run(args: argparse.Namespace) -> int:
         run_role(world, roles[i], random.Random(seed * 1_000_003 + i), counters[i])
 
     show = not args.quiet and sys.stderr.isatty()
+    drivers: list[threading.Thread] = []
+    leak_check: dict = {"ran": False, "leaks": 0, "why": "not reached", "seconds": 0.0}
     t0 = time.monotonic()
     code = EXIT_OK
     crash = None
     try:
         for i in range(args.threads):
-            k.kthread_run(driver, i, name=f"{roles[i]}/{i}")
+            drivers.append(k.kthread_run(driver, i, name=f"{roles[i]}/{i}"))
         while True:
             elapsed = time.monotonic() - t0
             if elapsed >= args.duration or k.deadlocked:
@@ -167,6 +171,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         elapsed = time.monotonic() - t0
+        if code == EXIT_OK:  # not after Ctrl-C or a crash: write what we have at once
+            try:
+                leak_check = cleanup(world, drivers, CLEANUP_TIMEOUT)
+            except KeyboardInterrupt:
+                code = EXIT_INTERRUPTED
         stuck = k.shutdown(timeout=min(2.0, args.hung_timeout))
         sys.setswitchinterval(old_switch)
         if show:
@@ -183,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
                           threads=args.threads, duration_s=elapsed, ops=ops, exit_code=code,
                           workload=args.workload)
     s["roles"] = dict(Counter(roles))
+    s["leak_check"] = leak_check
     if stuck:
         s["stuck_threads"] = stuck
     if args.report:

@@ -10,6 +10,7 @@ deadlock, an internal crash). Files: ``findings.txt`` (kernel-format text of eve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -46,6 +47,7 @@ def summary(k: Kernel, *, seed: int, kernel: str, bugs: list[str], threads: int,
             "max_depth": k.lockdep.max_depth,
         },
         "top_contended": top_contended(k),
+        "rcu": dataclasses.asdict(k.rcu.statistics()),
         "memcg": {
             "memcgs_freed": k.memcg.freed,
             "memcg_caches_created": k.memcg_slab.nr_created,
@@ -96,6 +98,15 @@ def human_summary(s: dict[str, Any]) -> str:
         for r in s["top_contended"]:
             out.append(f"  {r['class']:<28}{r['contentions']:>10} contentions"
                        f"{r['wait_total_us']:>14.0f} us waited\n")
+    if "rcu" in s:
+        r = s["rcu"]
+        out.append(f"\nrcu: {r['grace_periods']} grace periods for {r['sync_calls']} "
+                   f"synchronize_rcu() calls, {r['barriers']} rcu_barrier(), "
+                   f"{r['callbacks_invoked']}/{r['callbacks_queued']} callbacks run\n")
+    lc = s.get("leak_check")
+    if lc is not None:
+        out.append(f"\nleak check: {lc['leaks']} leak(s) in {lc['seconds']:.2f} s\n"
+                   if lc["ran"] else f"\nleak check: not run ({lc['why']})\n")
     fs = s["findings"]
     out.append(f"\nfindings: {len(fs)}\n")
     for f in fs:

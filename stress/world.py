@@ -137,11 +137,16 @@ def move_self(w: World, rng: random.Random, ops: Counter) -> None:
     mc = w.k.memcg
     with w.lock:
         target = rng.choice(w.memcgs) if w.memcgs and rng.random() < 0.8 else mc.root
+        # the open cgroup.procs file's reference: a memcg still on w.memcgs is not offline
+        # yet (a churner takes it off first), so it cannot be freed while we write to it
+        mc.css_get(target)
     try:
         mc.attach(w.k.current(), target)
         ops["memcg_attach"] += 1
     except ValueError:  # it went offline meanwhile: like -ENOENT from cgroup.procs
         pass
+    finally:
+        mc.css_put(target)
 
 
 def leave_retiring(w: World) -> None:
@@ -251,25 +256,29 @@ MAX_MEMCGS = 6
 
 
 def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
+    """Several churners may run: each memcg is claimed by one (taken off the shared lists
+    under ``w.lock``) before it is offlined, as only one rmdir of a directory succeeds."""
     mc = w.k.memcg
     with w.lock:
-        n = len(w.memcgs)
-        retiring = list(w.retiring)
-    for m in retiring:  # offline those whose tasks have all moved away
+        claimed, w.retiring = w.retiring, []
+    for m in claimed:  # offline those whose tasks have all moved away
         if mc.offline(m) == 0:
-            with w.lock:
-                w.retiring.remove(m)
             ops["memcg_offline"] += 1
-    if n < MAX_MEMCGS and (n < 2 or rng.random() < 0.5):
+        else:
+            with w.lock:
+                w.retiring.append(m)  # still busy: later, by whoever claims it then
+    with w.lock:
+        n = len(w.memcgs)
+        grow = n < MAX_MEMCGS and (n < 2 or rng.random() < 0.5)
+        m = None if grow or not n else w.memcgs.pop(rng.randrange(n))
+        if m is not None:
+            w.retiring.append(m)
+    if grow:
         m = mc.create(f"cg{rng.randrange(10**6)}")
         mc.memcg_activate_kmem(m)
         with w.lock:
             w.memcgs.append(m)
         ops["memcg_create"] += 1
-    elif n:
-        with w.lock:
-            m = w.memcgs.pop(rng.randrange(len(w.memcgs)))
-            w.retiring.append(m)
     w.stop.wait(0.002)
 
 
@@ -309,7 +318,7 @@ ROLES: dict[str, Op] = {
 
 WORKLOADS: dict[str, dict[str, float]] = {
     "default": {"allocator": 40, "root_churn": 12, "rcu_reader": 20, "rcu_writer": 12,
-                "shrinker": 8, "hotplug": 4, "cgroup_churn": 2},
+                "shrinker": 8, "hotplug": 4, "cgroup_churn": 6},
     "churn": {"allocator": 30, "root_churn": 35, "rcu_writer": 10, "rcu_reader": 10,
               "shrinker": 5, "hotplug": 5, "cgroup_churn": 5},
     "rcu": {"rcu_reader": 50, "rcu_writer": 30, "root_churn": 15, "hotplug": 5},
