@@ -123,8 +123,10 @@ CATALOG: tuple[Bug, ...] = (
         "memcg_kmem_put_cache)", ("v3.13", "v3.16"),
         "memcg_kmem_get_cache() returns the child cache without any reference: between it and "
         "the allocation the task moves away, the memcg goes offline and its empty child cache "
-        "is destroyed; the allocation then runs on the freed cache.",
-        (F.KASAN_UAF,),
+        "is destroyed; the allocation then runs on the freed cache (in the v4 design, where "
+        "each charged page pins the memcg, the charge may first take a reference on a memcg "
+        "whose count already reached zero: refcount_t \"addition on 0\").",
+        (F.KASAN_UAF, F.REFCOUNT),
         "T: get_cache returns child C (empty); M: move T out, offline the memcg -> C "
         "destroyed; T: slab_alloc(C) -> use-after-free.",
         "memcg_kmem_get_cache:returned", requires_memcg=("v3.13", "v3.16", "v4")),
@@ -207,10 +209,13 @@ CATALOG: tuple[Bug, ...] = (
         "flush_memcg_workqueue() marks the root dying before the alias count is dropped: "
         "destroying one alias leaves the surviving root dying for good, so the children of "
         "memcgs going offline are never deactivated: their empty slabs pin the memcg "
-        "(4.18-5.2) or the child and its memcg are never released (5.3-5.7).",
+        "(4.18-5.2) or the child is never released (5.3-5.7: its percpu_ref is never "
+        "killed; the memcg itself goes, the child's css reference, moved to the parent at "
+        "reparenting, leaks with it).",
         (F.MEMLEAK,),
         "Create A merged into B (2 aliases); destroy A: B dying, 2 -> 1; memcg M allocates "
-        "from B -> child B(M); rmdir M: deactivation skipped -> B(M) and M leak.",
+        "from B -> child B(M); rmdir M: deactivation skipped -> B(M) leaks, and M (4.18-5.2) "
+        "or, after 5.3's reparenting, a css reference on M's parent.",
         "kmem_cache_destroy:dying_set", requires_memcg=("v4", "v5.3")),
 )
 

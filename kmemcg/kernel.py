@@ -34,6 +34,7 @@ from kmemcg.locking import lockdep_proc
 from kmemcg.locking.lockdep import Lockdep, LockdepMap
 from kmemcg.locking.mutex import Mutex, SpinLock
 from kmemcg.locking.rwsem import RWSem
+from kmemcg.mm.kmemleak import Kmemleak
 from kmemcg.mm.memcg_designs import make_memcg_slab
 from kmemcg.mm.memcg_slab import MemcgSlab
 from kmemcg.mm.memcontrol import MemcgSubsys
@@ -108,6 +109,7 @@ class Kernel:
         self.slab = SlabCommon(self)
         self.memcg = MemcgSubsys(self)
         self.memcg_slab = make_memcg_slab(self)  # the configuration's memcg design
+        self.kmemleak = Kmemleak(self)  # scanned on demand only (k.kmemleak.scan())
         if hung_task_timeout is not None:  # last: it scans everything above
             self.hung_task = HungTaskWatchdog(self, hung_task_timeout)
 

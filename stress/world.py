@@ -40,7 +40,8 @@ from kmemcg.mm.slub import SLAB_ACCOUNT, SLAB_HWCACHE_ALIGN, SLAB_TYPESAFE_BY_RC
 from kmemcg.mm.typesafe import TypesafeTable, typesafe_delete, typesafe_insert, typesafe_lookup
 
 SIZES = (32, 64, 96, 128, 192, 256)  # few sizes: creations often merge
-TYPESAFE_SIZES = (1024,)  # 4 objects per slab
+TYPESAFE_SIZES = (1024,)
+ACCOUNT_SIZES = (96, 192)  # 4 objects per slab
 NAMES = ("dentry", "inode", "filp", "buffer_head", "sock", "task_struct", "vm_area", "anon_vma")
 MAX_LIVE = 12
 MAX_OBJS = 64
@@ -166,10 +167,13 @@ def op_root_churn(w: World, rng: random.Random, ops: Counter) -> None:
     if n < MAX_LIVE and (n < 3 or rng.random() < 0.5):
         typesafe = rng.random() < 0.25
         flags = SLAB_TYPESAFE_BY_RCU if typesafe else rng.choice(
-            (0, 0, SLAB_HWCACHE_ALIGN, SLAB_ACCOUNT))
+            (0, SLAB_HWCACHE_ALIGN, SLAB_ACCOUNT, SLAB_ACCOUNT))
         # TYPESAFE caches get big objects: few per slab, so slabs empty (and their pages go
-        # back to the page allocator) often: that is where seed 003's bugs live.
-        size = rng.choice(TYPESAFE_SIZES if typesafe else SIZES)
+        # back to the page allocator) often: that is where seed 003's bugs live. Accounted
+        # caches get two sizes, so they often merge: the memcg side's alias bugs need an
+        # accounted root with several users and children.
+        size = rng.choice(TYPESAFE_SIZES if typesafe else
+                          ACCOUNT_SIZES if flags & SLAB_ACCOUNT else SIZES)
         s = sl.kmem_cache_create(rng.choice(NAMES), size, 0, flags)
         ops["cache_create"] += 1
         e = Entry(s, typesafe)

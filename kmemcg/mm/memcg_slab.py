@@ -83,10 +83,9 @@ class MemcgSlab:
         if c is s:
             return slub.slab_alloc_node(s)
         self._k.window("memcg_kmem_get_cache:returned")
-        try:
-            return slub.slab_alloc_node(c)
-        finally:
-            self.memcg_kmem_put_cache(c)
+        obj = slub.slab_alloc_node(c)  # an oops here (bug 9) kills the task: no put after it
+        self.memcg_kmem_put_cache(c)
+        return obj
 
     def kmem_cache_free(self, s: KmemCache, obj: SlabObject) -> None:
         self._k.slab.free_to_cache(s, obj)
@@ -104,9 +103,24 @@ class MemcgSlab:
             k.window("memcg_uncharge_slab:after_put")
             s.nr_partial  # noqa: B018  stat(s, FREE_SLAB) after the put that allowed the free
 
+    def kmem_cache_alias(self, s: KmemCache) -> bool:
+        """__kmem_cache_alias(): kmem_cache_create() merges into root ``s`` (slab_mutex held).
+        False: ``s`` may not be used (the caller creates a new cache instead)."""
+        s.alias_count += 1
+        return True
+
     def memcg_update_all_caches(self, num: int) -> None:
         """kmem activation grew the ids (caller holds activate_kmem_mutex)."""
         self._k.memcg.memcg_update_all_caches(num)
+
+    def memcg_online_kmem(self, m: MemCgroup) -> None:
+        """kmem activation of ``m`` (activate_kmem_mutex held), before it is marked
+        KMEM_ONLINE: nothing here (5.9 allocates the memcg's obj_cgroup)."""
+
+    def memcg_free_page_obj_cgroups(self, page: Page) -> None:
+        """A root cache's slab page that carries ``memcg_data`` is freed (5.9's
+        uncharge_slab_page(), before the page goes back): no design but 5.9 sets one."""
+        page.memcg_data = None
 
     # ------------------------------------------------------------------ lookup
     def memcg_kmem_get_cache(self, s: KmemCache) -> KmemCache:
@@ -124,7 +138,10 @@ class MemcgSlab:
         kid = memcg.kmemcg_id
         if kid >= 0:
             c = mc.cache_from_memcg_idx(s, kid)
-            if c is not None:
+            # Still online after the lookup, so kid was still ours when we read the slot (the
+            # model gives an offline memcg's id back at once: another memcg's child may sit
+            # there by now, and put_cache would drop a reference on that other memcg).
+            if c is not None and memcg.kmem_state == KMEM_ONLINE:
                 if k.config.bug("get_cache_without_reference"):
                     mc.css_put(memcg)  # before 3.19: nothing holds the child meanwhile
                 return c  # the css reference goes with it
@@ -154,7 +171,7 @@ class MemcgSlab:
         sl = k.slab
         with sl.cpus_and_slab_mutex():
             rp = root.memcg_params
-            if memcg.kmem_state != KMEM_ONLINE or rp.dying:
+            if memcg.kmem_state != KMEM_ONLINE or self.root_dying(root):
                 return None  # offline meanwhile, or the root is being destroyed
             idx = memcg.kmemcg_id
             arr = rp.memcg_caches.protected(sl.slab_mutex)
@@ -177,6 +194,10 @@ class MemcgSlab:
             k.event("memcg_cache_create", c)
             return c
 
+    def root_dying(self, root: KmemCache) -> bool:
+        """Caller holds slab_mutex: is ``root`` being destroyed (no new child for it)?"""
+        return root.memcg_params.dying
+
     # ------------------------------------------------------------------ offline
     def memcg_deactivate_kmem_caches(self, memcg: MemCgroup) -> None:
         """At offline: unpublish every child of ``memcg`` and deactivate it."""
@@ -194,8 +215,12 @@ class MemcgSlab:
                     continue
                 arr.entries[idx] = None
                 if not p.dying:
-                    k.memcg.css_get(memcg)  # pin memcg so that c doesn't go meanwhile
-                    k.rcu.call(self._deactivate_rcufn, c)
+                    self.slab_deactivate_memcg_cache_rcu_sched(c, memcg)
+
+    def slab_deactivate_memcg_cache_rcu_sched(self, c: KmemCache, memcg: MemCgroup) -> None:
+        """Caller holds slab_mutex: deactivate child ``c`` after a grace period."""
+        self._k.memcg.css_get(memcg)  # pin memcg so that c doesn't go meanwhile
+        self._k.rcu.call(self._deactivate_rcufn, c)
 
     def _deactivate_rcufn(self, c: KmemCache) -> None:
         queue_work(self.wq, Work(self._deactivate_workfn, c, name="kmemcg_deactivate_workfn"))
@@ -291,6 +316,17 @@ class MemcgSlab:
                           lambda: banner(title, k) + "a per-memcg child cache still holds "
                           "objects at destruction\n", thread=k.current().name,
                           extra={"cache": c.name})
+
+    # ------------------------------------------------------------------ listings
+    def memcg_slabinfo(self, memcg: MemCgroup) -> str:
+        """memory.kmem.slabinfo (memcg_slab_show): /proc/slabinfo's header, then one line per
+        child cache of ``memcg`` (memcg->kmem_caches, under slab_mutex)."""
+        sl = self._k.slab
+        out = [sl.slabinfo_header()]
+        with sl.slab_mutex:
+            for c in memcg.kmem_caches:
+                out.append(sl.slabinfo_line(c))
+        return "".join(out)
 
     def flush_memcg_workqueue(self, s: KmemCache) -> None:
         """After ``s.memcg_params.dying`` was set: run every pending RCU callback (they queue

@@ -165,6 +165,8 @@ class MemcgSubsys:
             m.kmem_state = KMEM_ALLOCATED  # pending creations for it bail from now on
             if self._k.memcg_slab is not None:
                 self._k.memcg_slab.memcg_deactivate_kmem_caches(m)
+            if getattr(self._k.memcg_slab, "kmemcg_id_freed_at_css_free", False):
+                return  # 3.13: its children keep the slot until they go; css_free frees it
             self._ids.discard(m.kmemcg_id)
 
     # ------------------------------------------------------------------ css references
@@ -267,6 +269,8 @@ class MemcgSubsys:
                 else:
                     self.memcg_update_all_caches(num)
             m.kmemcg_id = kid
+            if self._k.memcg_slab is not None:
+                self._k.memcg_slab.memcg_online_kmem(m)  # 5.9: the memcg's obj_cgroup
             m.kmem_state = KMEM_ONLINE
         self._k.event("memcg_kmem_online", m)
         return kid

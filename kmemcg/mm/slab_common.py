@@ -139,11 +139,19 @@ class SlabCommon:
         k = self._k
         with self.cpus_and_slab_mutex():
             s = self.find_mergeable(size, align, flags, ctor)
-            if s is not None:
-                s.alias_count += 1  # __kmem_cache_alias()
+            if s is not None and self.kmem_cache_alias(s):
                 k.event("cache_merge", s)
                 return s
             return self._create_cache(name, size, align, flags, ctor)
+
+    def kmem_cache_alias(self, s: KmemCache) -> bool:
+        """__kmem_cache_alias(), caller holds slab_mutex: one more alias of ``s``; the memcg
+        design decides (seed 000's refcount design may refuse a root being destroyed)."""
+        ms = self._k.memcg_slab
+        if ms is not None:
+            return ms.kmem_cache_alias(s)
+        s.alias_count += 1
+        return True
 
     def _calc_align(self, flags: int, align: int, size: int) -> int:
         a = max(align, WORD)
@@ -350,14 +358,23 @@ class SlabCommon:
 
     def slabinfo(self) -> str:
         """/proc/slabinfo (version 2.1)."""
-        out = ["slabinfo - version: 2.1\n",
-               "# name            <active_objs> <num_objs> <objsize> <objperslab> "
-               "<pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata "
-               "<active_slabs> <num_slabs> <sharedavail>\n"]
+        out = [self.slabinfo_header()]
         with self.slab_mutex:  # slab_start()/slab_stop(): no cache can be destroyed meanwhile
             for s in self.slab_caches:
-                active, total, slabs = self.slub.counts(s)
-                out.append(f"{s.name:<17} {active:>6} {total:>6} {s.size:>6} "
-                           f"{s.objects_per_slab:>4} {1:>4} : tunables {0:>4} {0:>4} "
-                           f"{0:>4} : slabdata {slabs:>6} {slabs:>6} {0:>6}\n")
+                out.append(self.slabinfo_line(s))
         return "".join(out)
+
+    @staticmethod
+    def slabinfo_header() -> str:
+        """print_slabinfo_header(): also memory.kmem.slabinfo's (kmemcg.mm.memcg_slab)."""
+        return ("slabinfo - version: 2.1\n"
+                "# name            <active_objs> <num_objs> <objsize> <objperslab> "
+                "<pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata "
+                "<active_slabs> <num_slabs> <sharedavail>\n")
+
+    def slabinfo_line(self, s: KmemCache) -> str:
+        """cache_show(): one cache's line. Caller holds slab_mutex."""
+        active, total, slabs = self.slub.counts(s)
+        return (f"{s.name:<17} {active:>6} {total:>6} {s.size:>6} "
+                f"{s.objects_per_slab:>4} {1:>4} : tunables {0:>4} {0:>4} "
+                f"{0:>4} : slabdata {slabs:>6} {slabs:>6} {0:>6}\n")

@@ -94,7 +94,7 @@ class KmemCache(KasanObject):
 
     __slots__ = ("name", "object_size", "size", "align", "flags", "ctor", "objects_per_slab",
                  "order", "alias_count", "lifetime_ref", "cpu_slab", "list_lock", "partial",
-                 "nr_partial", "min_partial", "slabs", "memcg_params", "on_list")
+                 "nr_partial", "min_partial", "slabs", "memcg_params", "on_list", "live")
 
     def __init__(self, kernel: Kernel, name: str, object_size: int, size: int, align: int,
                  flags: int, ctor: Callable[[SlabObject], None] | None) -> None:
@@ -116,6 +116,11 @@ class KmemCache(KasanObject):
         self.slabs: set[Page] = set()  # every slab of the cache (list_lock)
         self.memcg_params: Any = None
         self.on_list = False  # on slab_caches (slab_mutex)
+        # Allocated objects, for kmemleak's scan (kmemleak_alloc/kmemleak_free). A slot is
+        # owned by one party at a time (the allocator from its pop off a freelist to the
+        # free), so each object is added and removed by one thread; set add/discard are
+        # single atomic operations (GIL, or the set's own lock on free-threaded builds).
+        self.live: set[SlabObject] = set()
 
     def __repr__(self) -> str:
         return f"<kmem_cache {object.__getattribute__(self, 'name')}>"
@@ -180,6 +185,9 @@ class Slub:
         if s.typesafe:
             for o in page.objects:  # the type-stable memory goes away only now
                 self.kasan.poison(o)
+        if not child and page.memcg_data is not None:
+            # 5.9: uncharge_slab_page() frees page->obj_cgroups before __free_pages()
+            self._k.memcg_slab.memcg_free_page_obj_cgroups(page)
         self._k.page_alloc.free_page(page)
         if child:
             # memcg_uncharge_slab(), last: the cache is not touched after the count that may
@@ -224,6 +232,7 @@ class Slub:
                 s.ctor(obj)
         self.kasan.alloc(obj, "object", f"the cache {s.name} of size {s.object_size}")
         obj.allocated = True
+        s.live.add(obj)  # kmemleak_alloc_recursive()
         return obj
 
     def _refill(self, s: KmemCache, c: KmemCacheCpu, cpu: int) -> None:
@@ -280,6 +289,7 @@ class Slub:
             self.kasan.free(obj)
         page, idx = obj.page, obj.idx
         obj.allocated = False
+        s.live.discard(obj)  # kmemleak_free_recursive(), before poisoning
         self.kasan.free(obj, poison=not s.typesafe)
         k = self._k
         cpu = k.hotplug.this_cpu(k.current())
