@@ -18,6 +18,7 @@ from typing import Any
 
 from loguru import logger
 
+from kmemcg.catalog import BY_NAME
 from kmemcg.config import HOTPLUG_2012, Config
 from kmemcg.core import findings as F
 from kmemcg.core.findings import FindingLog
@@ -68,7 +69,13 @@ class Kernel:
         if not isinstance(config, Config):
             config = Config.make(config or "fixed", list(bugs), hotplug)
         elif bugs or hotplug:
-            config = Config.make(config.preset, [*config.bugs, *bugs], hotplug or config.hotplug)
+            # keep the given design unless a new switch lives in another one
+            memcg: str | None = config.memcg
+            if any(BY_NAME[b].requires_memcg and memcg not in BY_NAME[b].requires_memcg
+                   for b in bugs if b in BY_NAME):
+                memcg = None
+            config = Config.make(config.preset, [*config.bugs, *bugs],
+                                 hotplug or config.hotplug, memcg)
         self.config = config
         self.name = name or f"kernel@{id(self):x}"
         self.boot = time.monotonic()

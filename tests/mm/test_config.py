@@ -93,10 +93,25 @@ def test_each_preset_carries_exactly_the_catalog_bugs_that_name_it(preset: str) 
 def test_preset_table_matches_the_catalog_by_hand() -> None:
     """The same mapping written out, so a catalog edit that moves a bug is noticed."""
     assert PRESETS["v3.6"].bugs == {"destroy_rcu_barrier_under_slab_mutex"}
-    assert PRESETS["v3.16"].bugs == {"alias_race"}
+    assert PRESETS["v3.13"].bugs == {
+        "memcg_create_without_slab_mutex_recheck", "destroy_work_scheduled_twice",
+        "get_cache_without_reference", "free_path_touches_cache_after_uncharge",
+        "memcg_params_freed_without_rcu", "cancel_work_sync_self_freeing_work",
+        "children_destroyed_before_alias_check"}
+    assert PRESETS["v3.16"].bugs == {"alias_race", "get_cache_without_reference",
+                                     "free_path_touches_cache_after_uncharge"}
+    assert PRESETS["v4.17"].bugs == {"root_destroy_without_flush"}
+    assert PRESETS["v4.18"].bugs == {"dying_set_before_alias_check"}
+    assert PRESETS["v4.18-refcount"].bugs == {"alias_count_dec_without_slab_mutex"}
+    assert PRESETS["v5.3"].bugs == {"percpu_ref_exit_while_switching",
+                                    "dying_set_before_alias_check"}
+    assert PRESETS["v5.9"].bugs == frozenset()
     assert PRESETS["fixed"].bugs == frozenset()
     assert PRESETS["v3.6"].hotplug == HOTPLUG_2012
     assert PRESETS["fixed"].hotplug == HOTPLUG_PERCPU_RWSEM
+    assert {n: p.memcg for n, p in PRESETS.items()} == {
+        "v3.6": "v4", "v3.13": "v3.13", "v3.16": "v3.16", "v4.17": "v4", "v4.18": "v4",
+        "v4.18-refcount": "v4-refcount", "v5.3": "v5.3", "v5.9": "v5.9", "fixed": "v4"}
 
 
 def test_every_preset_named_in_the_catalog_exists() -> None:
@@ -111,7 +126,8 @@ def test_switches_combine_with_any_preset() -> None:
     c2 = Config.make("fixed", bugs=["alias_race"], hotplug=HOTPLUG_2012)
     assert c2.bugs == {"alias_race"} and c2.hotplug == HOTPLUG_2012
     with Kernel(config="v3.16", bugs=["destroy_without_rcu_barrier"]) as k:
-        assert k.config.bugs == {"alias_race", "destroy_without_rcu_barrier"}
+        assert k.config.bugs == PRESETS["v3.16"].bugs | {"destroy_without_rcu_barrier"}
+        assert k.config.memcg == "v3.16"
         assert k.hotplug.design == HOTPLUG_2012
     # a Config object plus more switches and another hotplug design
     with Kernel(config=c2, bugs=["destroy_without_rcu_barrier"],
@@ -121,11 +137,14 @@ def test_switches_combine_with_any_preset() -> None:
         assert k.hotplug.design == HOTPLUG_PERCPU_RWSEM
 
 
-def test_kernel_uses_the_presets_hotplug_design() -> None:
+def test_kernel_uses_the_presets_hotplug_and_memcg_designs() -> None:
+    from kmemcg.mm.memcg_designs import DESIGNS
     for preset, p in PRESETS.items():
         with Kernel(config=preset) as k:
             assert k.hotplug.design == p.hotplug, preset
             assert k.config.bugs == p.bugs
+            assert k.config.memcg == p.memcg
+            assert type(k.memcg_slab).__name__ == DESIGNS[p.memcg][1], preset
 
 
 def test_config_is_immutable() -> None:
@@ -184,3 +203,19 @@ def test_a_switch_brings_the_hotplug_design_its_historical_path_needs():
     assert Config.make("fixed", ["destroy_rcu_barrier_under_slab_mutex"],
                        "percpu_rwsem").hotplug == "percpu_rwsem"
     assert Config.make("fixed", ["alias_race"]).hotplug == "percpu_rwsem"
+
+
+def test_a_switch_brings_the_memcg_design_its_code_lives_in():
+    """Bug 6 exists only in the 3.13 design (per-memcg slab_caches_mutex): switched on over
+    the fixed preset it brings that design; a bug any of several designs carry keeps the
+    preset's design when it is one of them; an explicit design wins."""
+    assert Config.make("fixed", ["shrink_under_slab_caches_mutex"]).memcg == "v3.13"
+    assert Config.make("fixed", ["get_cache_without_reference"]).memcg == "v4"
+    assert Config.make("v3.16", ["get_cache_without_reference"]).memcg == "v3.16"
+    assert Config.make("fixed", ["percpu_ref_exit_while_switching"]).memcg == "v5.3"
+    assert Config.make("fixed", [], memcg="v5.9").memcg == "v5.9"
+    with pytest.raises(ConfigError, match="unknown memcg design 'v2'"):
+        Config.make("fixed", memcg="v2")
+    for b in CATALOG:
+        c = Config.make("fixed", [b.name])
+        assert not b.requires_memcg or c.memcg in b.requires_memcg, b.name
