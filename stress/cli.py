@@ -28,10 +28,10 @@ from stress.world import ROLES, WORKLOADS, World, assign_roles, run_role
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_DEADLOCK, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 CLEANUP_TIMEOUT = 3.0  # seconds for the end-of-run cleanup and leak check
-PERTURB = {  # probability of a delay at a race window, and its longest sleep (s)
-    "off": (0.0, 0.0),
-    "light": (0.2, 0.001),
-    "heavy": (0.5, 0.004),
+PERTURB = {  # probability of a delay at a race window, its longest sleep (s), and the share
+    "off": (0.0, 0.0, 0.0),  # of delays that are long ones (up to 25 ms: a grace period and
+    "light": (0.2, 0.001, 0.01),  # a work fit in; see kmemcg.core.instrument.Perturb)
+    "heavy": (0.5, 0.004, 0.03),
 }
 
 
@@ -128,9 +128,9 @@ def run(args: argparse.Namespace) -> int:
     k = Kernel(name="stress", config=args.config, lockdep=not args.no_lockdep,
                kasan=not args.no_kasan, lock_stat=args.lock_stat, cpus=args.cpus,
                hung_task_timeout=args.hung_timeout)
-    prob, longest = PERTURB[args.perturb]
+    prob, longest, tail = PERTURB[args.perturb]
     if prob:
-        k.add_instrument(Perturb(seed, prob, longest))
+        k.add_instrument(Perturb(seed, prob, longest, tail))
     world = World(k, seed)
     stop = world.stop
     roles = assign_roles(args.mix_weights, args.threads)

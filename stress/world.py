@@ -18,7 +18,8 @@ rcu_reader     SLAB_TYPESAFE_BY_RCU lookups: find under rcu_read_lock, lock, rev
 rcu_writer     insert / delete objects in the TYPESAFE tables; synchronize / barrier
 shrinker       kmem_cache_shrink on live caches
 hotplug        cpu_down / cpu_up
-cgroup_churn   create memcgs, activate kmem, offline them once their tasks moved away
+cgroup_churn   create memcgs, activate kmem, offline them once their tasks moved away (moving
+               them out itself half of the time)
 =============  ==========================================================================
 
 Allocators move themselves between memcgs (cgroup.procs), so SLAB_ACCOUNT caches get per-memcg
@@ -72,6 +73,7 @@ class World:
         self.entries: list[Entry] = []
         self.memcgs: list[Any] = []  # online, kmem-active memcgs drivers may move into
         self.retiring: list[Any] = []  # taken out of ``memcgs``: offlined once empty
+        self.tasks: list[Any] = []  # every driver's task (cgroup churners move them out)
         self.stop = threading.Event()
 
     # -- the owner protocol ------------------------------------------------------------------
@@ -259,6 +261,19 @@ def op_rcu_writer(w: World, rng: random.Random, ops: Counter) -> None:
 MAX_MEMCGS = 6
 
 
+def evict(w: World, m: Any) -> None:
+    """Write every driver still in ``m`` into the root's cgroup.procs. A driver may be between
+    memcg_kmem_get_cache() and its allocation right now: seed 002's window (catalog bug 9)."""
+    mc = w.k.memcg
+    with w.lock:
+        tasks = list(w.tasks)
+    for t in tasks:
+        if w.stop.is_set():
+            return  # drivers are exiting: do not move a task that is going away
+        if t.memcg is m:  # racy read: attach() itself is serialised by cgroup_mutex
+            mc.attach(t, mc.root)
+
+
 def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
     """Several churners may run: each memcg is claimed by one (taken off the shared lists
     under ``w.lock``) before it is offlined, as only one rmdir of a directory succeeds."""
@@ -266,6 +281,8 @@ def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
     with w.lock:
         claimed, w.retiring = w.retiring, []
     for m in claimed:  # offline those whose tasks have all moved away
+        if rng.random() < 0.5:
+            evict(w, m)  # or move them out ourselves, as an admin before rmdir
         if mc.offline(m) == 0:
             ops["memcg_offline"] += 1
         else:
@@ -356,6 +373,8 @@ def run_role(w: World, role: str, rng: random.Random, ops: Counter) -> None:
     """A driver thread's loop. An oops (KASAN) ends the operation, not the driver, as the
     kernel goes on after an oops in one task; it is counted."""
     op = ROLES[role]
+    with w.lock:
+        w.tasks.append(w.k.current())
     while not w.stop.is_set():
         try:
             op(w, rng, ops)

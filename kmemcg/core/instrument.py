@@ -192,11 +192,16 @@ class Breakpoints(Instrument):
 
 class Perturb(Instrument):
     """Race-window perturbation: at each named window (``k.window(name)``) sleep up to
-    ``longest`` seconds with probability ``prob``. The random stream is per task and derived
-    from ``seed``, so a seed fixes every choice it makes (not the OS scheduler's)."""
+    ``longest`` seconds with probability ``prob``; one such sleep in ``1 / tail`` is a long one,
+    up to ``tail_longest``: long enough for a grace period and a queued work to run inside the
+    window (the memcg windows whose other side is an RCU callback, then a work, need that). The
+    random stream is per task and derived from ``seed``, so a seed fixes every choice it makes
+    (not the OS scheduler's)."""
 
-    def __init__(self, seed: int, prob: float, longest: float) -> None:
+    def __init__(self, seed: int, prob: float, longest: float, tail: float = 0.0,
+                 tail_longest: float = 0.025) -> None:
         self.seed, self.prob, self.longest = seed, prob, longest
+        self.tail, self.tail_longest = tail, tail_longest
 
     def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
         if point != "window":
@@ -205,4 +210,5 @@ class Perturb(Instrument):
         if rng is None:
             rng = task.extra["perturb_rng"] = random.Random(self.seed * 7919 + task.pid)
         if rng.random() < self.prob:
-            time.sleep(rng.random() * self.longest)
+            longest = self.tail_longest if rng.random() < self.tail else self.longest
+            time.sleep(rng.random() * longest)
