@@ -89,8 +89,9 @@ CATALOG: tuple[Bug, ...] = (
         "under memcg->slab_caches_mutex, as seed 002's review asked. Creation takes "
         "slab_mutex -> slab_caches_mutex (memcg_cache_list_add), destroy takes slab_mutex "
         "under it: a lockdep cycle; and destroying a child takes the same slab_caches_mutex "
-        "again (memcg_release_cache): recursive locking.",
-        (F.CIRCULAR_LOCKING, F.RECURSIVE_LOCKING),
+        "again (memcg_release_cache): recursive locking, then a real self-deadlock (the "
+        "offline task waits for itself; everything behind it hangs).",
+        (F.CIRCULAR_LOCKING, F.RECURSIVE_LOCKING, F.REAL_DEADLOCK, F.HUNG_TASK),
         "O: mutex_lock(memcg->slab_caches_mutex); kmem_cache_destroy(child) -> slab_mutex. "
         "C: creation work: slab_mutex -> memcg_cache_list_add -> slab_caches_mutex. "
         "Sequential is enough: one lockdep class for every memcg's mutex.", None,

@@ -128,6 +128,29 @@ class Kmemleak:
     def scan_caches(self) -> list[Finding]:
         return self.scan(CACHES)
 
+    def scan_undeactivated(self) -> list[Finding]:
+        """Per-memcg caches of offline memcgs that the design's offline never deactivated
+        (kmemcg.mm.memcg_slab.MemcgSlab.offline_children_not_deactivated): their empty slabs
+        pin the memcg for as long as the root lives. Call after quiesce()."""
+        out: dict[int, Finding] = {}
+        ms = self._k.memcg_slab
+        if ms is None:
+            return []
+        with self._lock:
+            self.nr_scans += 1
+            for c in ms.offline_children_not_deactivated():
+                try:
+                    p = c.memcg_params
+                    active, total, slabs = self._k.slab.slub.counts(c)
+                    extra = (f"  per-memcg kmem_cache {c.name} of offline memcg {p.memcg.path}, "
+                             f"never deactivated: {slabs} slab(s) pin the memcg\n")
+                    self._leak(out, c, CACHES, f"undeactivated:{_unserial(c.name)}",
+                               f"kmem_cache {_unserial(c.name)} never deactivated",
+                               c.size, extra)
+                except KasanOops:
+                    continue
+        return list(out.values())
+
     def scan_memcg_caches(self) -> list[Finding]:
         """Per-memcg child caches only: for the quiesce point where every memcg is offline
         and every object freed, so no child has a reason to live (whatever memcg it was

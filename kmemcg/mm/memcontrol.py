@@ -92,7 +92,8 @@ class MemcgCacheParams(KasanObject):
     ``children``, ``dying``. Child: ``memcg``, ``root_cache``. Guarded by slab_mutex, but
     ``memcg_caches`` is read lock-free under rcu_read_lock()."""
 
-    __slots__ = ("is_root_cache", "memcg_caches", "children", "dying", "memcg", "root_cache")
+    __slots__ = ("is_root_cache", "memcg_caches", "children", "dying", "memcg", "root_cache",
+                 "deact_queued")
 
     def __init__(self, is_root: bool) -> None:
         self.is_root_cache = is_root
@@ -101,6 +102,7 @@ class MemcgCacheParams(KasanObject):
         self.dying = False
         self.memcg: MemCgroup | None = None
         self.root_cache: KmemCache | None = None
+        self.deact_queued = False  # child: its deactivation was queued (v4 design, deact_fn)
 
 
 class MemcgSubsys:

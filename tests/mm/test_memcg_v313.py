@@ -1,0 +1,452 @@
+"""The v3.13 memcg design (3.8-3.15): lifecycle, and catalog bugs 6-10, 13-15 forced with
+breakpoints, each against its fixed form."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from kmemcg import Kernel
+from kmemcg.catalog import BY_NAME
+from kmemcg.config import PRESETS, Config
+from kmemcg.core import findings as F
+from kmemcg.core.kasan import Kasan, KasanOops
+from kmemcg.mm.memcg_v313 import MemcgSlabV313
+from kmemcg.mm.slub import SLAB_ACCOUNT
+from kmemcg.testing import wait_until
+
+V313_BUGS = PRESETS["v3.13"].bugs
+
+
+def v313(without: tuple[str, ...] = (), with_: tuple[str, ...] = ()) -> Config:
+    """The v3.13 design with the preset's bugs minus ``without`` plus ``with_``."""
+    return Config("v3.13", (V313_BUGS - set(without)) | set(with_), "2012", "v3.13")
+
+
+FIXED = Config("v3.13", frozenset(), "2012", "v3.13")
+
+
+def settle(k: Kernel) -> None:
+    for _ in range(3):
+        k.rcu.barrier()
+        k.system_wq.flush()
+
+
+def in_memcg(k: Kernel, name: str = "m"):
+    m = k.memcg.create(name)
+    k.memcg.memcg_activate_kmem(m)
+    k.memcg.attach(k.current(), m)
+    return m
+
+
+def child_of(k: Kernel, s, m):
+    return k.memcg.cache_from_memcg_idx(s, m.kmemcg_id)
+
+
+def make_child(k: Kernel, s, m):
+    """Allocate once in ``m`` (creation queued), settle: the child exists and is empty of
+    objects (its slab stays as a cpu slab until shrunk)."""
+    k.slab.kmem_cache_free(s, k.slab.kmem_cache_alloc(s))
+    settle(k)
+    c = child_of(k, s, m)
+    assert c is not None
+    return c
+
+
+def kinds(k: Kernel) -> set[str]:
+    return {f.kind for f in k.findings}
+
+
+@pytest.mark.parametrize("config", [FIXED, v313()], ids=["fixed", "v3.13"])
+def test_lifecycle_is_clean_and_frees_the_memcg(config):
+    with Kernel(config=config) as k:
+        assert isinstance(k.memcg_slab, MemcgSlabV313)
+        sl, mc = k.slab, k.memcg
+        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+        m = in_memcg(k)
+        kid = m.kmemcg_id
+        sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # a miss: creation queued
+        settle(k)
+        objs = [sl.kmem_cache_alloc(s) for _ in range(5)]
+        c = objs[-1].cache
+        assert c is not s and c.memcg_params.memcg is m and c in m.kmem_caches
+        assert c.memcg_params.nr_pages >= 1
+        assert m.design.slab_caches_mutex.name == "memcg->slab_caches_mutex"
+        mc.attach(k.current(), mc.root)
+        assert mc.offline(m) == 0
+        settle(k)
+        assert not Kasan.is_freed(c) and c.memcg_params.dead  # objects: still there
+        for o in objs:
+            sl.kmem_cache_free(s, o)
+        settle(k)
+        sl.kmem_cache_destroy(s)
+        settle(k)
+        assert Kasan.is_freed(c) and Kasan.is_freed(m)
+        assert mc.freed == 1 and kid not in mc._ids
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+def test_offline_destroys_an_empty_child_through_the_destroy_work():
+    with Kernel(config=FIXED) as k:
+        sl, mc = k.slab, k.memcg
+        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+        m = in_memcg(k)
+        c = make_child(k, s, m)
+        kid = m.kmemcg_id
+        mc.attach(k.current(), mc.root)
+        assert mc.offline(m) == 0
+        settle(k)
+        assert Kasan.is_freed(c) and k.memcg_slab.nr_destroyed == 1
+        assert Kasan.is_freed(m) and mc.cache_from_memcg_idx(s, kid) is None
+        assert kid not in mc._ids
+        sl.kmem_cache_destroy(s)
+        settle(k)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+# ---------------------------------------------------------------------------------- bug 7
+def racing_creator_vs_relocation(k: Kernel) -> tuple:
+    """W1 created X; activation A parks after publishing the new (empty) array; W2 checks the
+    slot there (NULL) and parks; A copies X; W2 creates Y and publishes it over X."""
+    sl, mc = k.slab, k.memcg
+    s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+    m = in_memcg(k)
+    x = make_child(k, s, m)
+    others = []
+    for i in range(3):  # ids 1..3: the array (4 slots) is full
+        o = mc.create(f"o{i}")
+        mc.memcg_activate_kmem(o)
+        others.append(o)
+    bug7 = k.config.bug("memcg_create_without_slab_mutex_recheck")
+    bp_a = k.breakpoints.add("window:memcg_update_cache_size:published_empty")
+    bp_w = k.breakpoints.add("window:memcg_create_kmem_cache:checked")
+    a = k.kthread_run(lambda: mc.memcg_activate_kmem(mc.create("big")), name="activate")
+    bp_a.wait()
+    assert mc.css_tryget_online(m)
+    k.memcg_slab.memcg_create_cache_enqueue(m, s)  # W2, queued behind W1
+    if bug7:
+        bp_w.wait()  # W2 read NULL in the empty array
+    bp_a.release()
+    a.join(5)
+    bp_w.release()
+    settle(k)
+    return s, m, x
+
+
+def test_bug7_second_creator_overwrites_the_published_child():
+    with Kernel(config=v313()) as k:
+        s, m, x = racing_creator_vs_relocation(k)
+        f = next(f for f in k.findings if f.kind == F.ASSERTION)
+        assert f.kind in BY_NAME["memcg_create_without_slab_mutex_recheck"].detector
+        assert f.title == "kernel BUG at mm/memcontrol.c: memcg_caches[0] of dentry already set"
+        assert child_of(k, s, m) is not x and k.memcg_slab.leaked_children(s) == [x]
+        k.memcg.attach(k.current(), k.memcg.root)
+        k.slab.kmem_cache_destroy(s)  # X is in no slot: nothing destroys it
+        leak = next(f for f in k.findings if f.kind == F.MEMLEAK)
+        assert x.name in leak.title
+        assert kinds(k) == {F.ASSERTION, F.MEMLEAK}
+
+
+def test_bug7_fixed_recheck_under_slab_mutex_keeps_one_child():
+    with Kernel(config=v313(without=("memcg_create_without_slab_mutex_recheck",))) as k:
+        s, m, x = racing_creator_vs_relocation(k)
+        assert child_of(k, s, m) is x and s.memcg_params.children == [x]
+        k.memcg.attach(k.current(), k.memcg.root)
+        k.slab.kmem_cache_destroy(s)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+# ---------------------------------------------------------------------------------- bug 9
+def lookup_then_offline(k: Kernel):
+    """T got child C (empty) from the lookup and parks; T is moved out, M goes offline, the
+    destroy work destroys C; T allocates."""
+    sl, mc = k.slab, k.memcg
+    s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+    m = in_memcg(k)
+    c = make_child(k, s, m)
+    sl.kmem_cache_shrink(c)
+    assert c.memcg_params.nr_pages == 0
+    mc.attach(k.current(), mc.root)
+    out: list = []
+    bp = k.breakpoints.add("window:memcg_kmem_get_cache:returned", thread="task")
+
+    def task() -> None:
+        mc.attach(k.current(), m)
+        try:
+            out.append(sl.kmem_cache_alloc(s))
+        except KasanOops:
+            out.append(None)
+
+    t = k.kthread_run(task, name="task")
+    tt = bp.wait()
+    mc.attach(tt, mc.root)
+    k.rcu.barrier()
+    assert mc.offline(m) == 0
+    settle(k)
+    bp.release()
+    t.join(5)
+    return s, c, out
+
+
+def test_bug9_allocation_from_a_child_destroyed_after_the_lookup():
+    with Kernel(config=v313()) as k:
+        s, c, out = lookup_then_offline(k)
+        assert out == [None] and Kasan.is_freed(c)
+        (f,) = k.findings
+        assert f.kind == F.KASAN_UAF and f.kind in BY_NAME["get_cache_without_reference"].detector
+        assert f.title.startswith("BUG: KASAN: use-after-free in ")
+
+
+def test_bug9_fixed_the_lookup_pins_the_child():
+    with Kernel(config=v313(without=("get_cache_without_reference",))) as k:
+        s, c, out = lookup_then_offline(k)
+        assert out[0] is not None and out[0].cache is c and not Kasan.is_freed(c)
+        k.slab.kmem_cache_free(s, out[0])
+        settle(k)
+        k.slab.kmem_cache_destroy(s)  # the pinned dead child goes with its root
+        settle(k)
+        assert Kasan.is_freed(c)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+# ---------------------------------------------------------------------------------- bug 8
+def last_page_freed_during_offline(k: Kernel):
+    """F frees a dead-to-be child's last object (nr_pages -> 0) and parks after the sub; M
+    goes offline, its destroy work sees 0 and destroys C; F goes on."""
+    sl, mc = k.slab, k.memcg
+    s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+    m = in_memcg(k)
+    c = make_child(k, s, m)
+    obj = sl.kmem_cache_alloc(s)
+    assert obj.cache is c
+    mc.attach(k.current(), mc.root)
+    sl.kmem_cache_shrink(c)  # the slab is off the cpu: the free below discards it
+    bp = k.breakpoints.add("window:memcg_release_pages:after_sub", thread="freer")
+
+    def freer() -> None:
+        try:
+            sl.kmem_cache_free(s, obj)
+        except KasanOops:
+            pass
+
+    t = k.kthread_run(freer, name="freer")
+    bp.wait()
+    assert mc.offline(m) == 0
+    assert wait_until(lambda: Kasan.is_freed(c))
+    bp.release()
+    t.join(5)
+    settle(k)
+    return s, c
+
+
+def test_bug8_freer_schedules_the_destroy_of_a_freed_child():
+    with Kernel(config=v313(without=("get_cache_without_reference",
+                                     "free_path_touches_cache_after_uncharge"))) as k:
+        last_page_freed_during_offline(k)
+        (f,) = k.findings
+        assert f.kind == F.KASAN_UAF and f.kind in BY_NAME["destroy_work_scheduled_twice"].detector
+        assert f.title == "BUG: KASAN: use-after-free in mem_cgroup_destroy_cache"
+
+
+def test_bug8_fixed_the_freer_never_schedules():
+    with Kernel(config=v313(without=("destroy_work_scheduled_twice",
+                                     "free_path_touches_cache_after_uncharge"))) as k:
+        s, c = last_page_freed_during_offline(k)
+        k.slab.kmem_cache_destroy(s)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+# ---------------------------------------------------------------------------------- bug 10
+def test_bug10_free_path_touches_the_destroyed_child():
+    with Kernel(config=v313(without=("destroy_work_scheduled_twice",))) as k:
+        sl, mc = k.slab, k.memcg
+        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+        m = in_memcg(k)
+        c = make_child(k, s, m)
+        obj2 = sl.kmem_cache_alloc(s)
+        assert obj2.cache is c
+        mc.attach(k.current(), mc.root)
+        sl.kmem_cache_shrink(c)
+        bp = k.breakpoints.add("window:memcg_uncharge_slab:after_put", thread="freer")
+
+        def freer() -> None:
+            try:
+                sl.kmem_cache_free(s, obj2)
+            except KasanOops:
+                pass
+
+        t = k.kthread_run(freer, name="freer")
+        bp.wait()
+        assert mc.offline(m) == 0
+        assert wait_until(lambda: Kasan.is_freed(c))
+        bp.release()
+        t.join(5)
+        (f,) = k.findings
+        assert f.kind == F.KASAN_UAF
+        assert f.kind in BY_NAME["free_path_touches_cache_after_uncharge"].detector
+        assert f.title == "BUG: KASAN: use-after-free in memcg_uncharge_slab"
+
+
+# ---------------------------------------------------------------------------------- bug 6
+def test_bug6_destroy_under_slab_caches_mutex_is_circular_and_recursive():
+    with Kernel(config=v313(with_=("shrink_under_slab_caches_mutex",))) as k:
+        sl, mc = k.slab, k.memcg
+        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+        m = in_memcg(k)
+        c = make_child(k, s, m)  # creation recorded slab_mutex -> slab_caches_mutex
+        sl.kmem_cache_shrink(c)
+        mc.attach(k.current(), mc.root)
+        found = threading.Event()
+        k.findings.add_listener(lambda f: found.set() if f.kind == F.RECURSIVE_LOCKING else 0)
+        k.kthread_run(mc.offline, m, name="rmdir")
+        assert found.wait(10)
+        got = kinds(k)
+        assert {F.CIRCULAR_LOCKING, F.RECURSIVE_LOCKING} <= got
+        assert got <= set(BY_NAME["shrink_under_slab_caches_mutex"].detector)
+        circ = next(f for f in k.findings if f.kind == F.CIRCULAR_LOCKING)
+        assert "memcg->slab_caches_mutex" in circ.text and "slab_mutex" in circ.text
+
+
+def test_bug6_off_offline_only_queues_the_work():
+    with Kernel(config=v313()) as k:
+        sl, mc = k.slab, k.memcg
+        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+        m = in_memcg(k)
+        c = make_child(k, s, m)
+        sl.kmem_cache_shrink(c)
+        mc.attach(k.current(), mc.root)
+        assert mc.offline(m) == 0
+        settle(k)
+        assert Kasan.is_freed(c)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+# ---------------------------------------------------------------------------------- bug 13
+def reader_during_relocation(k: Kernel):
+    sl, mc = k.slab, k.memcg
+    s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+    m = mc.create("m")
+    mc.memcg_activate_kmem(m)
+    for i in range(3):
+        mc.memcg_activate_kmem(mc.create(f"o{i}"))
+    bp = k.breakpoints.add("window:cache_from_memcg_idx:array", thread="reader")
+    out: list = []
+
+    def reader() -> None:
+        mc.attach(k.current(), m)
+        try:
+            out.append(sl.kmem_cache_alloc(s))
+        except KasanOops:
+            out.append(None)
+
+    r = k.kthread_run(reader, name="reader")
+    bp.wait()
+    mc.memcg_activate_kmem(mc.create("big"))  # relocates every root's array
+    bp.release()
+    r.join(5)
+    settle(k)
+    return out
+
+
+def test_bug13_relocated_params_freed_under_a_reader():
+    with Kernel(config=v313()) as k:
+        out = reader_during_relocation(k)
+        assert out == [None]
+        (f,) = k.findings
+        assert f.kind == F.KASAN_UAF and f.title == \
+            "BUG: KASAN: use-after-free in cache_from_memcg_idx"
+
+
+def test_bug13_fixed_kfree_rcu():
+    with Kernel(config=v313(without=("memcg_params_freed_without_rcu",))) as k:
+        out = reader_during_relocation(k)
+        assert out[0] is not None
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+# ---------------------------------------------------------------------------------- bug 15
+def destroy_one_alias_of_a_root_with_busy_child(k: Kernel):
+    sl = k.slab
+    r = sl.kmem_cache_create("kmalloc-32", 32, flags=SLAB_ACCOUNT)
+    a = sl.kmem_cache_create("module-a", 32, flags=SLAB_ACCOUNT)
+    assert a is r and r.alias_count == 2
+    m = in_memcg(k)
+    c = make_child(k, r, m)
+    obj = sl.kmem_cache_alloc(r)  # module B's object in R(M)
+    assert obj.cache is c
+    sl.kmem_cache_destroy(a)  # module A unloads
+    return r, c, obj
+
+
+def test_bug15_children_destroyed_before_the_alias_check():
+    with Kernel(config=v313()) as k:
+        r, c, obj = destroy_one_alias_of_a_root_with_busy_child(k)
+        (f,) = k.findings
+        assert f.kind == F.SLAB_CACHE_NOT_EMPTY
+        assert f.title == f"kmem_cache_destroy {c.name}: Slab cache still has objects"
+
+
+def test_bug15_fixed_children_only_for_the_last_alias():
+    with Kernel(config=v313(without=("children_destroyed_before_alias_check",))) as k:
+        r, c, obj = destroy_one_alias_of_a_root_with_busy_child(k)
+        assert r.alias_count == 1 and not k.findings.snapshot()
+        k.slab.kmem_cache_free(r, obj)
+        k.memcg.attach(k.current(), k.memcg.root)
+        k.slab.kmem_cache_destroy(r)
+        settle(k)
+        assert Kasan.is_freed(c) and Kasan.is_freed(r)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+# ---------------------------------------------------------------------------------- bug 14
+def root_destroy_against_running_destroy_work(k: Kernel):
+    """W (destroy work queued at offline) parks after reading nr_pages == 0; D (root destroy)
+    loads the child; W destroys it; D goes on with the freed child."""
+    sl, mc = k.slab, k.memcg
+    s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+    m = in_memcg(k)
+    c = make_child(k, s, m)
+    sl.kmem_cache_shrink(c)
+    mc.attach(k.current(), mc.root)
+    bp_w = k.breakpoints.add("window:kmem_cache_destroy_work_func:nr_pages")
+    bp_d = k.breakpoints.add("window:kmem_cache_destroy_memcg_children:got_child",
+                             thread="destroyer")
+    assert mc.offline(m) == 0
+    bp_w.wait()
+
+    def destroyer() -> None:
+        try:
+            sl.kmem_cache_destroy(s)
+        except KasanOops:
+            pass
+
+    d = k.kthread_run(destroyer, name="destroyer")
+    bug14 = k.config.bug("cancel_work_sync_self_freeing_work")
+    if bug14:
+        bp_d.wait()
+    else:  # D waits for memcg_cache_mutex, held by W
+        assert wait_until(lambda: d.task is not None and d.task.blocked_on is not None)
+    bp_w.release()
+    if bug14:
+        assert wait_until(lambda: Kasan.is_freed(c))
+    bp_d.release()
+    d.join(5)
+    settle(k)
+    return s, c
+
+
+def test_bug14_root_destroy_destroys_the_child_the_work_freed():
+    with Kernel(config=v313()) as k:
+        root_destroy_against_running_destroy_work(k)
+        (f,) = k.findings
+        assert f.kind == F.KASAN_UAF
+        assert f.kind in BY_NAME["cancel_work_sync_self_freeing_work"].detector
+        assert f.title == "BUG: KASAN: use-after-free in kmem_cache_destroy_memcg_children"
+
+
+def test_bug14_fixed_slot_loaded_under_memcg_cache_mutex():
+    with Kernel(config=v313(without=("cancel_work_sync_self_freeing_work",))) as k:
+        s, c = root_destroy_against_running_destroy_work(k)
+        assert Kasan.is_freed(c) and Kasan.is_freed(s)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
