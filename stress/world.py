@@ -259,6 +259,8 @@ def op_rcu_writer(w: World, rng: random.Random, ops: Counter) -> None:
 
 
 MAX_MEMCGS = 6
+BURST_PROB = 0.01  # per cgroup-churn step
+BURST_MAX = 200  # live memcgs a burst may bring the pool to
 
 
 def evict(w: World, m: Any) -> None:
@@ -272,6 +274,26 @@ def evict(w: World, m: Any) -> None:
             return  # drivers are exiting: do not move a task that is going away
         if t.memcg is m:  # racy read: attach() itself is serialised by cgroup_mutex
             mc.attach(t, mc.root)
+
+
+def burst(w: World, ops: Counter) -> None:
+    """Create kmem-active memcgs until the kmemcg ids outgrow the root caches' memcg_caches
+    arrays, so they are relocated (memcg_update_all_caches) while creations run: the arrays
+    only ever grow, so without bursts a run relocates them a few times during warm-up only
+    (the 3.13 races of catalog bugs 7 and 13 live there). Bounded by BURST_MAX live memcgs;
+    the new memcgs join the pool and are retired one by one as usual."""
+    mc = w.k.memcg
+    with w.lock:
+        room = BURST_MAX - len(w.memcgs) - len(w.retiring)
+    before = mc.nr_cache_ids
+    for _ in range(max(0, room)):
+        if w.stop.is_set() or mc.nr_cache_ids != before:
+            break
+        m = mc.create(f"burst{ops['memcg_create']}")
+        mc.memcg_activate_kmem(m)
+        with w.lock:
+            w.memcgs.append(m)
+        ops["memcg_create"] += 1
 
 
 def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
@@ -288,6 +310,8 @@ def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
         else:
             with w.lock:
                 w.retiring.append(m)  # still busy: later, by whoever claims it then
+    if rng.random() < BURST_PROB:
+        burst(w, ops)
     with w.lock:
         n = len(w.memcgs)
         grow = n < MAX_MEMCGS and (n < 2 or rng.random() < 0.5)

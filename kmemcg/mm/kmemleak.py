@@ -35,7 +35,6 @@ that a churn run's many memcgs of one name make one finding, counted per item).
 
 from __future__ import annotations
 
-import re
 import threading
 import weakref
 from collections.abc import Iterable
@@ -45,6 +44,7 @@ from kmemcg.core import findings as F
 from kmemcg.core.findings import Finding
 from kmemcg.core.kasan import KasanOops
 from kmemcg.core.stacks import Stack, format_site
+from kmemcg.mm.slub import cache_signature
 from kmemcg.rcu.callbacks import cb_name
 
 if TYPE_CHECKING:
@@ -55,13 +55,6 @@ CACHES, MEMCGS, WORKS, RCU_CBS, OBJECTS = "caches", "memcgs", "works", "rcu", "o
 ALL = (CACHES, MEMCGS, WORKS, RCU_CBS, OBJECTS)
 HZ = 1000
 INITIAL_JIFFIES = (-300 * HZ) & 0xFFFFFFFF  # include/linux/jiffies.h
-_MEMCG_PART = re.compile(r"\(.*\)$")
-
-
-def _unserial(name: str) -> str:
-    """``dentry(7:m0)`` -> ``dentry(*)``: the signature of a child cache names its root only,
-    so that the children of many memcgs (a stress run makes thousands) make one finding."""
-    return _MEMCG_PART.sub("(*)", name)
 
 
 def _kasan_info(obj: Any) -> Any:
@@ -144,8 +137,8 @@ class Kmemleak:
                     active, total, slabs = self._k.slab.slub.counts(c)
                     extra = (f"  per-memcg kmem_cache {c.name} of offline memcg {p.memcg.path}, "
                              f"never deactivated: {slabs} slab(s) pin the memcg\n")
-                    self._leak(out, c, CACHES, f"undeactivated:{_unserial(c.name)}",
-                               f"kmem_cache {_unserial(c.name)} never deactivated",
+                    self._leak(out, c, CACHES, f"undeactivated:{cache_signature(c.name)}",
+                               f"kmem_cache {cache_signature(c.name)} never deactivated",
                                c.size, extra)
                 except KasanOops:
                     continue
@@ -196,7 +189,7 @@ class Kmemleak:
             extra += f", lifetime refcount {ref.read()}"
         active, total, slabs = k.slab.slub.counts(s)
         extra += f", {active}/{total} objects in {slabs} slabs\n"
-        self._leak(out, s, CACHES, _unserial(s.name), f"kmem_cache {_unserial(s.name)}",
+        self._leak(out, s, CACHES, cache_signature(s.name), f"kmem_cache {cache_signature(s.name)}",
                    s.size, extra)
 
     def offline_memcgs(self) -> list[MemCgroup]:
@@ -279,9 +272,10 @@ class Kmemleak:
     def _scan_objects(self, out: dict[int, Finding]) -> None:
         k = self._k
         for s in k.slab.caches():
+            sig = cache_signature(s.name)
             for o in list(s.live):
-                self._leak(out, o, OBJECTS, _unserial(s.name), f"object of {_unserial(s.name)}",
-                           s.object_size, f"  object {o.idx} of a slab of {s.name}\n")
+                self._leak(out, o, OBJECTS, sig, f"object of {sig}", s.object_size,
+                           f"  object {o.idx} of a slab of {s.name}\n")
 
     # ------------------------------------------------------------------ report
     def _leak(self, out: dict[int, Finding], obj: Any, what: str, name: str, title: str,

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kmemcg.core import findings as F
-from kmemcg.core.report import banner
 from kmemcg.mm.memcontrol import KMEM_ONLINE, MemcgCacheParams
 from kmemcg.mm.slab_common import DestroyLocks
 from kmemcg.mm.slub import SLAB_ACCOUNT, KmemCache, SlabObject
@@ -301,7 +299,7 @@ class MemcgSlab:
         sl = self._k.slab
         busy = sl.slub.kmem_cache_shutdown(c)
         if busy:
-            self._report_busy(c)
+            sl._report_busy(c, busy)
             return False
         p = c.memcg_params
         if c in p.root_cache.memcg_params.children:
@@ -324,14 +322,6 @@ class MemcgSlab:
             k.event("cache_destroy", c)
             k.kasan.free(c.memcg_params)
             k.kasan.free(c)
-
-    def _report_busy(self, c: KmemCache) -> None:
-        k = self._k
-        title = f"kmem_cache_destroy {c.name}: Slab cache still has objects"
-        k.findings.report(F.SLAB_CACHE_NOT_EMPTY, title, c.name,
-                          lambda: banner(title, k) + "a per-memcg child cache still holds "
-                          "objects at destruction\n", thread=k.current().name,
-                          extra={"cache": c.name})
 
     # ------------------------------------------------------------------ listings
     def memcg_slabinfo(self, memcg: MemCgroup) -> str:

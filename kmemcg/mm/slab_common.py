@@ -47,6 +47,7 @@ from kmemcg.mm.slub import (
     KmemCache,
     SlabObject,
     Slub,
+    cache_signature,
 )
 
 if TYPE_CHECKING:
@@ -299,7 +300,7 @@ class SlabCommon:
         active, total, slabs = self.slub.counts(s)
         stack = k.stacks.capture(2)
         k.findings.report(
-            F.SLAB_CACHE_NOT_EMPTY, title, s.name,
+            F.SLAB_CACHE_NOT_EMPTY, title, cache_signature(s.name),
             lambda: (banner(title, k) + f"{active} of {total} objects in {slabs} slabs still "
                      f"allocated ({len(busy)} slabs not empty)\nCall Trace:\n"
                      + format_stack(stack)),

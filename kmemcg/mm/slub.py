@@ -25,6 +25,7 @@ CPU is still online (a slab frozen on a CPU after its CPU_DEAD flush would never
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,15 @@ class SlabObject(KasanObject):
     def __repr__(self) -> str:
         g = object.__getattribute__
         return f"<object {g(self, 'idx')} of page {g(self, 'page')!r}>"
+
+
+_MEMCG_SUFFIX = re.compile(r"\(.*\)$")
+
+
+def cache_signature(name: str) -> str:
+    """A cache's name for a finding's signature: ``dentry(7:m0)`` -> ``dentry(*)``. The
+    children of many memcgs (a stress run makes thousands) are one place in the code."""
+    return _MEMCG_SUFFIX.sub("(*)", name)
 
 
 class KmemCacheCpu:
