@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.list_presets:
         for p in PRESETS.values():
-            print(f"{p.name:<8}{p.release:<26}hotplug {p.hotplug:<13}bugs: "
-                  f"{', '.join(sorted(p.bugs)) or '-'}\n        {p.doc}")
+            print(f"{p.name:<15}{p.release:<34}hotplug {p.hotplug:<13}memcg {p.memcg}"
+                  f"\n               bugs: {', '.join(sorted(p.bugs)) or '-'}"
+                  f"\n               {p.doc}")
         return EXIT_OK
     if args.list_bugs:
         print(bug_listing(), end="")

@@ -293,6 +293,33 @@ def test_diff_v36_against_fixed_shows_the_2012_dependency_and_cycle_gone(runs, c
     assert "  + slab_mutex -> rcu_barrier_mutex" in out and "  + [circular_locking]" in out
 
 
+def test_diff_v313_against_v316_shows_the_memcg_lock_order_change_of_seed_001(
+        tmp_path, capsys):
+    """The README's second example. 3.13 takes each memcg's slab_caches_mutex under
+    slab_mutex (memcg_cache_list_add); seed 001 replaced it by one memcg_slab_mutex taken
+    before slab_mutex (activate_kmem_mutex -> memcg_slab_mutex -> slab_mutex)."""
+    dirs = {}
+    for preset in ("v3.13", "v3.16"):
+        d = dirs[preset] = str(tmp_path / preset)
+        r = run_cli("--threads", "8", "--duration", "1.5", "--kernel", preset, "--seed", "1",
+                    "--quiet", "--json", "--report", d)
+        assert r.returncode in (0, 1), r.stderr
+    code, out, err = report(capsys, "diff", dirs["v3.13"], dirs["v3.16"])
+    assert code == 1 and err == ""
+    for line in ("  - memcg->slab_caches_mutex\n", "  + memcg_slab_mutex\n",
+                 "  - slab_mutex -> memcg->slab_caches_mutex    [memcg_cache_list_add [",
+                 "  + memcg_slab_mutex -> slab_mutex    [",
+                 "  + activate_kmem_mutex -> memcg_slab_mutex    ["):
+        assert line in out, line
+    d = json.loads(report(capsys, "diff", dirs["v3.13"], dirs["v3.16"], "--json")[1])
+    added = {(e["from"], e["to"]) for e in d["edges"]["added"]}
+    removed = {(e["from"], e["to"]) for e in d["edges"]["removed"]}
+    assert ("slab_mutex", "memcg->slab_caches_mutex") in removed
+    assert ("memcg_slab_mutex", "slab_mutex") in added
+    gb = json.load(open(os.path.join(dirs["v3.16"], "lockdep_graph.json")))
+    assert not reaches(gb, "slab_mutex", "memcg_slab_mutex")  # the new order only
+
+
 def test_diff_of_a_run_with_itself_and_of_its_json_files(runs, capsys):
     a = runs["v3.6"]
     code, out, _ = report(capsys, "diff", a, os.path.join(a, "lockdep_graph.json"))
