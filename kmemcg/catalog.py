@@ -126,8 +126,10 @@ CATALOG: tuple[Bug, ...] = (
         "the allocation the task moves away, the memcg goes offline and its empty child cache "
         "is destroyed; the allocation then runs on the freed cache (in the v4 design, where "
         "each charged page pins the memcg, the charge may first take a reference on a memcg "
-        "whose count already reached zero: refcount_t \"addition on 0\").",
-        (F.KASAN_UAF, F.REFCOUNT),
+        "whose count already reached zero: refcount_t \"addition on 0\"; and when the "
+        "allocation lands just before the destroy's shutdown, the destroyer finds it: \"Slab "
+        "cache still has objects\").",
+        (F.KASAN_UAF, F.REFCOUNT, F.SLAB_CACHE_NOT_EMPTY),
         "T: get_cache returns child C (empty); M: move T out, offline the memcg -> C "
         "destroyed; T: slab_alloc(C) -> use-after-free.",
         "memcg_kmem_get_cache:returned", requires_memcg=("v3.13", "v3.16", "v4")),

@@ -121,17 +121,22 @@ class MemcgSlab:
         page.memcg_data = None
 
     # ------------------------------------------------------------------ lookup
+    def memcg_kmem_bypass(self, s: KmemCache) -> bool:
+        """What opens every era's get_cache: only an accounted root cache, allocated from by a
+        task of a memcg other than the root, goes to a per-memcg child."""
+        p = s.memcg_params
+        if not s.flags & SLAB_ACCOUNT or p is None or not p.is_root_cache:
+            return True
+        memcg = self._k.current().memcg
+        return memcg is None or memcg is self._k.memcg.root
+
     def memcg_kmem_get_cache(self, s: KmemCache) -> KmemCache:
         """The cache to allocate from: the current memcg's child of root ``s``, holding a
         reference on its memcg until memcg_kmem_put_cache(); else ``s``."""
-        p = s.memcg_params
-        if not s.flags & SLAB_ACCOUNT or p is None or not p.is_root_cache:
+        if self.memcg_kmem_bypass(s):
             return s
         k = self._k
         mc = k.memcg
-        task = k.current()
-        if task.memcg is None or task.memcg is mc.root:
-            return s
         memcg = mc.get_mem_cgroup_from_current()
         kid = memcg.kmemcg_id
         if kid >= 0:

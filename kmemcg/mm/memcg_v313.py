@@ -75,7 +75,7 @@ from kmemcg.core.stacks import format_stack
 from kmemcg.mm.memcg_slab import MemcgSlab, is_child
 from kmemcg.mm.memcontrol import MemcgCacheArray, MemcgCacheParams
 from kmemcg.mm.slab_common import DestroyLocks
-from kmemcg.mm.slub import SLAB_ACCOUNT, KmemCache
+from kmemcg.mm.slub import KmemCache
 from kmemcg.workqueue import Work, queue_work
 from kmemcg.workqueue.api import cancel_work, cancel_work_sync, flush_work
 
@@ -228,14 +228,11 @@ class MemcgSlabV313(MemcgSlab):
     # ------------------------------------------------------------------ lookup
     def memcg_kmem_get_cache(self, s: KmemCache) -> KmemCache:
         """__memcg_kmem_get_cache()."""
-        p = s.memcg_params
-        if not s.flags & SLAB_ACCOUNT or p is None or not p.is_root_cache:
+        if self.memcg_kmem_bypass(s):
             return s
         k = self._k
         mc = k.memcg
         task = k.current()
-        if task.memcg is None or task.memcg is mc.root:
-            return s
         with k.rcu.read():
             memcg = mc.mem_cgroup_from_task(task)
             idx = memcg.kmemcg_id

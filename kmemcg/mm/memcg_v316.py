@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING
 from kmemcg.mm.memcg_slab import MemcgSlab, is_child
 from kmemcg.mm.memcontrol import KMEM_ONLINE, MemcgCacheParams
 from kmemcg.mm.slab_common import DestroyLocks
-from kmemcg.mm.slub import SLAB_ACCOUNT, KmemCache
+from kmemcg.mm.slub import KmemCache
 from kmemcg.workqueue import Work, queue_work
 
 if TYPE_CHECKING:
@@ -166,14 +166,11 @@ class MemcgSlabV316(MemcgSlab):
     def memcg_kmem_get_cache(self, s: KmemCache) -> KmemCache:
         """__memcg_kmem_get_cache(): the current memcg's child of accounted root ``s``, else
         ``s`` (a miss queues the child's creation)."""
-        p = s.memcg_params
-        if not s.flags & SLAB_ACCOUNT or p is None or not p.is_root_cache:
+        if self.memcg_kmem_bypass(s):
             return s
         k = self._k
         mc = k.memcg
         task = k.current()
-        if task.memcg is None or task.memcg is mc.root:
-            return s
         if k.config.bug(BUG9):
             # 3.16: the memcg under RCU; a hit takes no reference of any kind
             with k.rcu.read():

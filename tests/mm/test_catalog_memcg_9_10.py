@@ -417,7 +417,8 @@ def test_randomized_churn_fixed_is_clean(kernels, design: str, bugs: tuple) -> N
     if bugs:  # bug 9's switch alone (3.16's lifetime): bug 10's window stays closed
         elapsed, ops, seed = run_churn(k, CLEAN_RUN, (F.KASAN_UAF,), pred=is_bug10)
         assert elapsed is None and not any(is_bug10(f) for f in k.findings)
-        assert {f.kind for f in k.findings} <= set(BY_NAME[BUG9].detector)
+        assert {f.kind for f in k.findings} <= set(BY_NAME[BUG9].detector), \
+            [f.title for f in k.findings]
         return
     elapsed, ops, seed = run_churn(k, CLEAN_RUN, EVERYTHING)
     print(f"\n{design} fixed: {ops} ops in {CLEAN_RUN}s (seed {seed})")
