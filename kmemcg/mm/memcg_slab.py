@@ -183,10 +183,7 @@ class MemcgSlab:
             c = KmemCache(k, f"{root.name}({memcg.serial}:{memcg.name})",
                           root.object_size, root.size, root.align, root.flags, root.ctor)
             k.kasan.alloc(c, "kmem_cache", "the kmem_cache cache")
-            cp = MemcgCacheParams(False)
-            k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
-            cp.memcg, cp.root_cache = memcg, root
-            c.memcg_params = cp
+            c.memcg_params = self.init_child_params(c, memcg, root)
             rp.children.append(c)
             memcg.kmem_caches.append(c)
             sl.slab_caches.append(c)
@@ -196,6 +193,14 @@ class MemcgSlab:
             self.nr_created += 1
             k.event("memcg_cache_create", c)
             return c
+
+    def init_child_params(self, c: KmemCache, memcg: MemCgroup,
+                          root: KmemCache) -> MemcgCacheParams:
+        """init_memcg_params() of a new child ``c`` (slab_mutex held)."""
+        cp = MemcgCacheParams(False)
+        self._k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
+        cp.memcg, cp.root_cache = memcg, root
+        return cp
 
     def root_dying(self, root: KmemCache) -> bool:
         """Caller holds slab_mutex: is ``root`` being destroyed (no new child for it)?"""

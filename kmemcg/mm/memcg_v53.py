@@ -61,7 +61,7 @@ from kmemcg.core import findings as F
 from kmemcg.core.percpu_ref import PercpuRef, percpu_ref_init
 from kmemcg.core.report import banner
 from kmemcg.mm.memcg_slab import MemcgSlab, is_child
-from kmemcg.mm.memcontrol import KMEM_ONLINE, MemcgCacheParams
+from kmemcg.mm.memcontrol import MemcgCacheParams
 from kmemcg.mm.slab_common import DestroyLocks
 from kmemcg.mm.slub import SLAB_ACCOUNT, KmemCache
 from kmemcg.workqueue import Work, queue_work
@@ -159,38 +159,20 @@ class MemcgSlabV53(MemcgSlab):
         queue_work(self.wq, Work(self._create_func, memcg, root,
                                  name="memcg_kmem_cache_create_func"))
 
-    def memcg_create_kmem_cache(self, memcg: MemCgroup, root: KmemCache) -> KmemCache | None:
+    def init_child_params(self, c: KmemCache, memcg: MemCgroup,
+                          root: KmemCache) -> MemcgCacheParamsV53:
+        """The child's params with its percpu_ref (release: kmemcg_cache_shutdown); the child
+        pins its memcg (memcg_link_cache). The rest of creation is the base class's: 5.3's
+        memcg_create_kmem_cache() differs only in not looking at ``dying`` (root_dying)."""
         k = self._k
-        sl = k.slab
-        with sl.cpus_and_slab_mutex():
-            rp = root.memcg_params
-            if memcg.kmem_state != KMEM_ONLINE:
-                return None  # offline meanwhile (5.3 has no dying check here)
-            idx = memcg.kmemcg_id
-            arr = rp.memcg_caches.protected(sl.slab_mutex)
-            if arr.entries[idx] is not None:
-                return None  # several creators race; one won
-            c = KmemCache(k, f"{root.name}({memcg.serial}:{memcg.name})",
-                          root.object_size, root.size, root.align, root.flags, root.ctor)
-            k.kasan.alloc(c, "kmem_cache", "the kmem_cache cache")
-            cp = MemcgCacheParamsV53()
-            k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
-            cp.root_cache = root
-            cp.refcnt = percpu_ref_init(k, partial(self.kmemcg_cache_shutdown, c),
-                                        f"{c.name}.memcg_params.refcnt",
-                                        f"the cache {c.name}")
-            k.memcg.css_get(memcg)  # memcg_link_cache(): the child pins its memcg
-            cp.memcg = memcg
-            c.memcg_params = cp
-            rp.children.append(c)
-            memcg.kmem_caches.append(c)
-            sl.slab_caches.append(c)
-            c.on_list = True
-            k.window("memcg_create_kmem_cache:before_publish")
-            arr.entries[idx] = c  # published complete: readers take it lock-free
-            self.nr_created += 1
-            k.event("memcg_cache_create", c)
-            return c
+        cp = MemcgCacheParamsV53()
+        k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
+        cp.root_cache = root
+        cp.refcnt = percpu_ref_init(k, partial(self.kmemcg_cache_shutdown, c),
+                                    f"{c.name}.memcg_params.refcnt", f"the cache {c.name}")
+        k.memcg.css_get(memcg)  # memcg_link_cache(): the child pins its memcg
+        cp.memcg = memcg
+        return cp
 
     def root_dying(self, root: KmemCache) -> bool:
         """5.3's memcg_create_kmem_cache() no longer looks at ``dying``."""

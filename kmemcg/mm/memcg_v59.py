@@ -70,7 +70,6 @@ from kmemcg.core.refcount import Refcount
 from kmemcg.core.report import banner
 from kmemcg.core.stacks import format_stack
 from kmemcg.mm.memcg_slab import MemcgSlab
-from kmemcg.mm.slab_common import DestroyLocks
 
 if TYPE_CHECKING:
     from kmemcg.kernel import Kernel
@@ -287,13 +286,7 @@ class ObjCgroupV59(MemcgSlab):
     def kmem_cache_destroy(self, s: KmemCache) -> None:
         """5.9's kmem_cache_destroy() has no memcg part: the plain path (slab_common routes
         only caches with memcg_params here, which 5.9 never has)."""
-        sl = self._k.slab
-        with DestroyLocks(sl) as held:
-            s.alias_count -= 1
-            if s.alias_count:
-                return
-            sl.alias_race_window(held)
-            sl.shutdown_cache(s, held)
+        self._k.slab.destroy_plain(s)
 
     # ------------------------------------------------------------------ objcg lookup
     def get_obj_cgroup_from_current(self) -> ObjCgroup | None:

@@ -214,6 +214,10 @@ class SlabCommon:
                 s.memcg_params.is_root_cache:
             ms.kmem_cache_destroy(s)
             return
+        self.destroy_plain(s)
+
+    def destroy_plain(self, s: KmemCache) -> None:
+        """kmem_cache_destroy() with no memcg part: drop an alias; the last one shuts down."""
         with DestroyLocks(self) as held:
             s.alias_count -= 1
             if s.alias_count:
