@@ -62,6 +62,10 @@ def is_child(s: KmemCache) -> bool:
 class MemcgSlab:
     """``k.memcg_slab``."""
 
+    # 3.13 kept an offline memcg's kmemcg_id until css_free (its dead children keep their
+    # slots); later designs give it back at offline
+    kmemcg_id_freed_at_css_free = False
+
     def __init__(self, k: Kernel) -> None:
         self._k = k
         self.wq = k.create_workqueue("memcg_kmem_cache", max_active=1)

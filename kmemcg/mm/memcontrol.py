@@ -167,7 +167,8 @@ class MemcgSubsys:
             m.kmem_state = KMEM_ALLOCATED  # pending creations for it bail from now on
             if self._k.memcg_slab is not None:
                 self._k.memcg_slab.memcg_deactivate_kmem_caches(m)
-            if getattr(self._k.memcg_slab, "kmemcg_id_freed_at_css_free", False):
+            if self._k.memcg_slab is not None and \
+                    self._k.memcg_slab.kmemcg_id_freed_at_css_free:
                 return  # 3.13: its children keep the slot until they go; css_free frees it
             self._ids.discard(m.kmemcg_id)
 
