@@ -14,6 +14,7 @@ from kmemcg import Kernel
 from kmemcg.core import findings as F
 from kmemcg.core.kasan import Kasan
 from kmemcg.core.percpu_ref import PercpuRef, percpu_ref_init
+from kmemcg.testing import hold_grace_period
 
 JOIN = 10.0
 
@@ -30,21 +31,6 @@ class Released:
             self.calls.append(k.current().name)
             self.done.set()
         return release
-
-
-def hold_grace_period(k: Kernel) -> tuple[threading.Event, threading.Thread]:
-    """An RCU reader that keeps every grace period (so every call_rcu) waiting until the
-    returned event is set."""
-    inside, out = threading.Event(), threading.Event()
-
-    def reader() -> None:
-        with k.rcu.read():
-            inside.set()
-            out.wait(JOIN)
-
-    t = k.kthread_run(reader, name="reader")
-    assert inside.wait(JOIN)
-    return out, t
 
 
 def test_percpu_mode_never_releases_and_trygets_succeed(kernel: Kernel) -> None:
@@ -102,7 +88,7 @@ def test_exit_while_switching_warns_and_the_pending_switch_reads_freed_counters(
     with Kernel() as k:
         rel = Released()
         ref = percpu_ref_init(k, rel(k), "child.memcg_params.refcnt")
-        out, reader = hold_grace_period(k)
+        out, reader = hold_grace_period(k, JOIN)
         ref.kill()  # the confirmation waits for the reader
         ref.exit()  # too early: the switch is still pending
         (f,) = k.findings.snapshot()
@@ -125,7 +111,7 @@ def test_exit_while_switching_warns_and_the_pending_switch_reads_freed_counters(
 def test_callback_after_the_owner_freed_the_ref_is_a_use_after_free() -> None:
     with Kernel() as k:
         ref = percpu_ref_init(k, Released()(k), "child.memcg_params.refcnt", "the cache c")
-        out, reader = hold_grace_period(k)
+        out, reader = hold_grace_period(k, JOIN)
         ref.kill()
         ref.exit()
         k.kasan.free(ref)  # the owner (and the struct embedded in it) goes

@@ -6,7 +6,6 @@ the memcg: a zombie memcg, found by kmemleak's memcg scan at the quiesce point (
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 
@@ -16,10 +15,10 @@ from kmemcg import Kernel
 from kmemcg.catalog import BY_NAME
 from kmemcg.core import findings as F
 from kmemcg.core.instrument import Perturb
-from kmemcg.core.kasan import KasanOops
 from kmemcg.mm import kmemleak as KL
 from kmemcg.mm.memcg_slab import MemcgSlab
 from kmemcg.mm.slub import SLAB_ACCOUNT
+from kmemcg.testing import OwnedCaches, fast_switching, in_memcg, memcg_user_loop
 
 BUG = "dying_set_before_alias_check"
 
@@ -31,9 +30,7 @@ def alias_destroyed_then_offline(k: Kernel):
     a = sl.kmem_cache_create("a", 192, flags=SLAB_ACCOUNT)
     b = sl.kmem_cache_create("b", 192, flags=SLAB_ACCOUNT)
     assert b is a and a.alias_count == 2
-    m = mc.create("m")
-    mc.memcg_activate_kmem(m)
-    mc.attach(k.current(), m)
+    m = in_memcg(k)
     sl.kmem_cache_free(a, sl.kmem_cache_alloc(a))  # queues the creation of A(M)
     assert k.kmemleak.quiesce()
     o = sl.kmem_cache_alloc(a)
@@ -101,62 +98,31 @@ def churn_round(k: Kernel, rng_seed: int, duration: float) -> list:
     caches (they merge), memcgs come, allocate from them, go; then the driver's cleanup: stop
     (modules keep their current cache), quiesce, scan zombie memcgs with the roots alive,
     destroy the roots, quiesce. Returns the memcg scan's findings."""
-    sl, mc = k.slab, k.memcg
+    sl = k.slab
     stop = threading.Event()
-    live: list = []
-    users: dict = {}
-    lock = threading.Lock()
+    owned = OwnedCaches()
     kept: list = []
 
     def modules(i: int) -> None:
         rng = random.Random(rng_seed * 100 + i)
         while True:
-            h = object()
             s = sl.kmem_cache_create(f"mod{i}", 192, flags=SLAB_ACCOUNT)
-            with lock:
-                live.append((h, s))
-                users[h] = 0
+            h = owned.publish(s)
             stop.wait(rng.random() * 0.01)
             if stop.is_set():
-                with lock:
+                with owned.lock:
                     kept.append(s)  # the driver destroys it after the memcg scan
                 return
-            with lock:
-                live.remove((h, s))
-            while True:
-                with lock:
-                    if users[h] == 0:
-                        del users[h]
-                        break
-                time.sleep(0.0005)
-            try:
-                sl.kmem_cache_destroy(s)
-            except KasanOops:
-                pass
+            owned.destroy(k, h, s)
 
     def memcgs(i: int) -> None:
         rng = random.Random(rng_seed * 100 + 50 + i)
-        me = k.current()
-        while not stop.is_set():
-            m = mc.create(f"m{i}")
-            mc.memcg_activate_kmem(m)
-            mc.attach(me, m)
-            for _ in range(4):
-                with lock:
-                    hs = rng.choice(live) if live else None
-                    if hs is not None:
-                        users[hs[0]] += 1
-                if hs is not None:
-                    try:
-                        sl.kmem_cache_free(hs[1], sl.kmem_cache_alloc(hs[1]))
-                    except KasanOops:
-                        pass
-                    finally:
-                        with lock:
-                            users[hs[0]] -= 1
-                stop.wait(rng.random() * 0.002)
-            mc.attach(me, mc.root)
-            mc.offline(m)
+
+        def use() -> None:
+            owned.alloc_free(k, rng)
+            stop.wait(rng.random() * 0.002)
+
+        memcg_user_loop(k, stop, f"m{i}", 4, use)
 
     ts = [k.kthread_run(modules, i, name=f"modules{i}") for i in range(3)]
     ts += [k.kthread_run(memcgs, i, name=f"memcgs{i}") for i in range(2)]
@@ -178,9 +144,7 @@ def test_bug17_randomized_churn(config: str) -> None:
     within the bound; the fixed kernel never does, and ends clean."""
     bug = config == "v4.18"
     limit = 20.0 if bug else 1.0
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    try:
+    with fast_switching():
         with Kernel(config=config) as k:
             k.add_instrument(Perturb(1, 0.3, 0.002))
             t0 = time.monotonic()
@@ -200,5 +164,3 @@ def test_bug17_randomized_churn(config: str) -> None:
             else:
                 assert not kinds, [f.text for f in k.findings]
                 assert k.kmemleak.scan() == []
-    finally:
-        sys.setswitchinterval(old)

@@ -4,9 +4,7 @@ is still queued. Switched on by the v4.17 preset; caught by KASAN, which knows n
 from __future__ import annotations
 
 import random
-import sys
 import threading
-import time
 
 import pytest
 
@@ -14,8 +12,16 @@ from kmemcg import Kernel
 from kmemcg.catalog import BY_NAME
 from kmemcg.core import findings as F
 from kmemcg.core.instrument import Perturb
-from kmemcg.core.kasan import KasanOops
 from kmemcg.mm.slub import SLAB_ACCOUNT
+from kmemcg.testing import (
+    OwnedCaches,
+    check_churn_outcome,
+    fast_switching,
+    hold_grace_period,
+    in_memcg,
+    memcg_user_loop,
+    run_until_found,
+)
 
 
 def deactivation_pending_during_root_destroy(k: Kernel) -> None:
@@ -24,24 +30,14 @@ def deactivation_pending_during_root_destroy(k: Kernel) -> None:
     is destroyed meanwhile; then the grace period ends and the deactivation runs."""
     sl, mc = k.slab, k.memcg
     s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-    m = mc.create("m")
-    mc.memcg_activate_kmem(m)
-    mc.attach(k.current(), m)
+    m = in_memcg(k)
     sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # queues the child's creation
     k.rcu.barrier()
     k.memcg_slab.wq.flush()
     sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # from the child: it exists
     assert s.memcg_params.children
     mc.attach(k.current(), mc.root)
-    inside, out = threading.Event(), threading.Event()
-
-    def reader() -> None:
-        with k.rcu.read():
-            inside.set()
-            out.wait(5)
-
-    r = k.kthread_run(reader, name="reader")
-    assert inside.wait(5)
+    out, r = hold_grace_period(k)
     assert mc.offline(m) == 0  # the deactivation is now an RCU callback
     destroyed = threading.Event()
 
@@ -83,77 +79,31 @@ def test_randomized_memcg_churn_against_root_destroy(config: str, expect: bool) 
     """memcgs come and go while accounted root caches are created, used and destroyed: the
     4.17 kernel is caught within the bound; the fixed one stays clean for a second."""
     limit = 30.0 if expect else 1.0
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    try:
+    with fast_switching():
         with Kernel(config=config) as k:
             k.add_instrument(Perturb(1, 0.3, 0.002))
-            sl, mc = k.slab, k.memcg
+            sl = k.slab
             stop = threading.Event()
             found = threading.Event()
             k.findings.add_listener(lambda f: found.set())
-            live: list = []
-            users: dict = {}  # the owner protocol: a cache is destroyed once nobody uses it
-            lock = threading.Lock()
+            owned = OwnedCaches(per_cache=True)  # a cache is destroyed once nobody uses it
 
             def caches() -> None:
                 rng = random.Random(1)
                 while not stop.is_set():
                     s = sl.kmem_cache_create(rng.choice(("a", "b")), rng.choice((96, 192)),
                                              flags=SLAB_ACCOUNT)
-                    with lock:
-                        live.append(s)
-                        users.setdefault(id(s), 0)
+                    h = owned.publish(s)
                     stop.wait(0.003)
-                    with lock:
-                        live.remove(s)
-                    while True:
-                        with lock:
-                            if users[id(s)] == 0:
-                                break
-                        time.sleep(0.0005)
-                    try:
-                        sl.kmem_cache_destroy(s)
-                    except KasanOops:
-                        pass
+                    owned.destroy(k, h, s)
 
             def memcgs(i: int) -> None:
                 rng = random.Random(10 + i)
-                me = k.current()
-                while not stop.is_set():
-                    m = mc.create(f"m{i}")
-                    mc.memcg_activate_kmem(m)
-                    mc.attach(me, m)
-                    for _ in range(3):
-                        with lock:
-                            s = rng.choice(live) if live else None
-                            if s is not None:
-                                users[id(s)] += 1
-                        if s is not None:
-                            try:
-                                sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))
-                            except KasanOops:
-                                pass
-                            finally:
-                                with lock:
-                                    users[id(s)] -= 1
-                    mc.attach(me, mc.root)
-                    mc.offline(m)
+                memcg_user_loop(k, stop, f"m{i}", 3, lambda: owned.alloc_free(k, rng))
 
             ts = [k.kthread_run(caches, name="caches")]
             ts += [k.kthread_run(memcgs, i, name=f"memcgs{i}") for i in range(3)]
-            t0 = time.monotonic()
-            found.wait(limit)
-            elapsed = time.monotonic() - t0
-            stop.set()
-            for t in ts:
-                t.join(10)
-            kinds = {f.kind for f in k.findings}
-            print(f"\n{config}: {sorted(kinds)} after {elapsed:.2f}s")
-            if expect:
-                assert found.is_set(), f"not found within {limit}s"
-                assert kinds <= set(BY_NAME["root_destroy_without_flush"].detector)
-            else:
-                assert not kinds, [f.text for f in k.findings]
-    finally:
-        sys.setswitchinterval(old)
+            elapsed = run_until_found(ts, stop, found, limit)
+            check_churn_outcome(k, expect, found.is_set(),
+                                BY_NAME["root_destroy_without_flush"].detector, limit, config,
+                                elapsed)

@@ -12,6 +12,7 @@ from kmemcg.config import Config
 from kmemcg.core import findings as F
 from kmemcg.mm import kmemleak as KL
 from kmemcg.mm.slub import SLAB_ACCOUNT
+from kmemcg.testing import hold_grace_period, in_memcg
 from kmemcg.workqueue import Work, queue_work
 
 
@@ -25,9 +26,7 @@ def memcg_scenario(k: Kernel, destroy: bool = True) -> tuple:
     plain = sl.kmem_cache_create("plain", 100)
     ms = []
     for name in ("m0", "m1"):
-        m = mc.create(name)
-        mc.memcg_activate_kmem(m)
-        mc.attach(k.current(), m)
+        m = in_memcg(k, name)
         for s in (a, c):
             sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # queues the child's creation
         k.kmemleak.quiesce()
@@ -114,9 +113,7 @@ def test_zombie_memcg_is_reported() -> None:
     with Kernel() as k:
         sl, mc = k.slab, k.memcg
         s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-        m = mc.create("zombie")
-        mc.memcg_activate_kmem(m)
-        mc.attach(k.current(), m)
+        m = in_memcg(k, "zombie")
         sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))
         k.kmemleak.quiesce()
         kept = sl.kmem_cache_alloc(s)
@@ -149,15 +146,7 @@ def test_pending_work_and_rcu_callback_are_reported() -> None:
         queue_work(wq, Work(blocker, name="blocker_fn"))
         queue_work(wq, Work(never, name="never_fn"))
         assert started.wait(5)
-        inside, out = threading.Event(), threading.Event()
-
-        def reader() -> None:
-            with k.rcu.read():
-                inside.set()
-                out.wait(5)
-
-        r = k.kthread_run(reader, name="reader")
-        assert inside.wait(5)
+        out, r = hold_grace_period(k)
         k.rcu.call(never)  # waits for the reader's grace period
         try:
             fs = k.kmemleak.scan(what=(KL.WORKS, KL.RCU_CBS))

@@ -11,7 +11,7 @@ from kmemcg import Kernel
 from kmemcg.core import findings as F
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import wait_until
+from kmemcg.testing import in_memcg, wait_until
 
 
 def settle(k: Kernel) -> None:
@@ -20,13 +20,6 @@ def settle(k: Kernel) -> None:
         k.rcu.barrier()
         k.memcg_slab.wq.flush()
         k.system_wq.flush()
-
-
-def in_memcg(k: Kernel, name: str = "m"):
-    m = k.memcg.create(name)
-    k.memcg.memcg_activate_kmem(m)
-    k.memcg.attach(k.current(), m)
-    return m
 
 
 def test_an_accounted_allocation_goes_to_the_memcgs_child_once_it_exists(kernel):

@@ -14,7 +14,7 @@ from kmemcg.core import findings as F
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.memcg_v313 import MemcgSlabV313
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import wait_until
+from kmemcg.testing import in_memcg, wait_until
 
 V313_BUGS = PRESETS["v3.13"].bugs
 
@@ -31,13 +31,6 @@ def settle(k: Kernel) -> None:
     for _ in range(3):
         k.rcu.barrier()
         k.system_wq.flush()
-
-
-def in_memcg(k: Kernel, name: str = "m"):
-    m = k.memcg.create(name)
-    k.memcg.memcg_activate_kmem(m)
-    k.memcg.attach(k.current(), m)
-    return m
 
 
 def child_of(k: Kernel, s, m):

@@ -5,9 +5,7 @@ decremented without slab_mutex), caught by VM_BUG_ON in __kmem_cache_destroy and
 from __future__ import annotations
 
 import random
-import sys
 import threading
-import time
 
 import pytest
 
@@ -16,9 +14,18 @@ from kmemcg.catalog import BY_NAME
 from kmemcg.config import Config
 from kmemcg.core import findings as F
 from kmemcg.core.instrument import Perturb
-from kmemcg.core.kasan import Kasan, KasanOops
+from kmemcg.core.kasan import Kasan
 from kmemcg.mm.memcg_v4_refcount import MemcgSlabRefcount
 from kmemcg.mm.slub import SLAB_ACCOUNT
+from kmemcg.testing import (
+    OwnedCaches,
+    check_churn_outcome,
+    fast_switching,
+    hold_grace_period,
+    in_memcg,
+    memcg_user_loop,
+    run_until_found,
+)
 from kmemcg.workqueue import Work, queue_work
 
 BUG = "alias_count_dec_without_slab_mutex"
@@ -32,13 +39,6 @@ def fixed() -> Kernel:
 
 def buggy() -> Kernel:
     return Kernel(config="v4.18-refcount")
-
-
-def in_memcg(k: Kernel, name: str = "m"):
-    m = k.memcg.create(name)
-    k.memcg.memcg_activate_kmem(m)
-    k.memcg.attach(k.current(), m)
-    return m
 
 
 def test_presets_and_design() -> None:
@@ -107,15 +107,7 @@ def test_a_pending_deactivation_pins_the_root() -> None:
         sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))
         (child,) = s.memcg_params.children
         mc.attach(k.current(), mc.root)
-        inside, out = threading.Event(), threading.Event()
-
-        def reader() -> None:
-            with k.rcu.read():
-                inside.set()
-                out.wait(5)
-
-        r = k.kthread_run(reader, name="reader")
-        assert inside.wait(5)
+        out, r = hold_grace_period(k)
         assert mc.offline(m) == 0  # the deactivation is an RCU callback now, root pinned
         assert s.lifetime_ref.read() == 2
         sl.kmem_cache_destroy(s)
@@ -217,79 +209,31 @@ def test_bug12_randomized_cache_and_memcg_churn(bug: bool) -> None:
     memcg churn allocating from them: the bug is found within the bound; the fixed form
     stays clean for a second, and kmemleak finds nothing after a full teardown."""
     limit = 20.0 if bug else 1.0
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    try:
+    with fast_switching():
         with (buggy() if bug else fixed()) as k:
             k.add_instrument(Perturb(1, 0.3, 0.002))
-            sl, mc = k.slab, k.memcg
+            sl = k.slab
             stop, found = threading.Event(), threading.Event()
             k.findings.add_listener(lambda f: found.set())
-            live: list = []
-            users: dict = {}  # handle -> allocations in flight (the owner protocol)
-            lock = threading.Lock()
+            owned = OwnedCaches()  # per module handle: allocations in flight
 
             def modules(i: int) -> None:
                 rng = random.Random(i)
                 while not stop.is_set():
-                    h = object()  # this module's handle
                     s = sl.kmem_cache_create(f"mod{i}", 192, flags=SLAB_ACCOUNT)
-                    with lock:
-                        live.append((h, s))
-                        users[h] = 0
+                    h = owned.publish(s)
                     stop.wait(rng.random() * 0.003)
-                    with lock:
-                        live.remove((h, s))
-                    while True:
-                        with lock:
-                            if users[h] == 0:
-                                del users[h]
-                                break
-                        time.sleep(0.0005)
-                    try:
-                        sl.kmem_cache_destroy(s)
-                    except KasanOops:
-                        pass
+                    owned.destroy(k, h, s)
 
             def memcgs(i: int) -> None:
                 rng = random.Random(10 + i)
-                me = k.current()
-                while not stop.is_set():
-                    m = mc.create(f"m{i}")
-                    mc.memcg_activate_kmem(m)
-                    mc.attach(me, m)
-                    for _ in range(3):
-                        with lock:
-                            hs = rng.choice(live) if live else None
-                            if hs is not None:
-                                users[hs[0]] += 1
-                        if hs is not None:
-                            try:
-                                sl.kmem_cache_free(hs[1], sl.kmem_cache_alloc(hs[1]))
-                            except KasanOops:
-                                pass
-                            finally:
-                                with lock:
-                                    users[hs[0]] -= 1
-                    mc.attach(me, mc.root)
-                    mc.offline(m)
+                memcg_user_loop(k, stop, f"m{i}", 3, lambda: owned.alloc_free(k, rng))
 
             ts = [k.kthread_run(modules, i, name=f"modules{i}") for i in range(3)]
             ts += [k.kthread_run(memcgs, i, name=f"memcgs{i}") for i in range(2)]
-            t0 = time.monotonic()
-            found.wait(limit)
-            elapsed = time.monotonic() - t0
-            stop.set()
-            for t in ts:
-                t.join(10)
-            kinds = {f.kind for f in k.findings}
-            print(f"\nbug 12 {'on' if bug else 'off'}: {sorted(kinds)} after {elapsed:.2f}s")
-            if bug:
-                assert found.is_set(), f"not found within {limit}s"
-                assert kinds <= set(BY_NAME[BUG].detector), [f.title for f in k.findings]
-            else:
-                assert not kinds, [f.text for f in k.findings]
+            elapsed = run_until_found(ts, stop, found, limit)
+            check_churn_outcome(k, bug, found.is_set(), BY_NAME[BUG].detector, limit,
+                                f"bug 12 {'on' if bug else 'off'}", elapsed)
+            if not bug:
                 assert k.kmemleak.quiesce()
                 assert k.kmemleak.scan() == [], [f.text for f in k.findings]
-    finally:
-        sys.setswitchinterval(old)

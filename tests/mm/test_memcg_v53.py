@@ -6,7 +6,6 @@ minimal interleaving, the same scenario on the fixed form, and a randomized chur
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 
@@ -17,10 +16,19 @@ from kmemcg.catalog import BY_NAME
 from kmemcg.config import MEMCG_V53, Config
 from kmemcg.core import findings as F
 from kmemcg.core.instrument import Perturb
-from kmemcg.core.kasan import Kasan, KasanOops
+from kmemcg.core.kasan import Kasan
 from kmemcg.mm.memcg_v53 import MemcgSlabV53
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import wait_until
+from kmemcg.testing import (
+    OwnedCaches,
+    check_churn_outcome,
+    fast_switching,
+    hold_grace_period,
+    in_memcg,
+    memcg_user_loop,
+    run_until_found,
+    wait_until,
+)
 
 JOIN = 10.0
 BUG16 = "percpu_ref_exit_while_switching"
@@ -39,13 +47,6 @@ def quiesce(k: Kernel) -> None:
     assert k.kmemleak.quiesce()
 
 
-def in_memcg(k: Kernel, name: str = "m"):
-    m = k.memcg.create(name)
-    k.memcg.memcg_activate_kmem(m)
-    k.memcg.attach(k.current(), m)
-    return m
-
-
 def child_of(k: Kernel, s):
     """Allocate from accounted root ``s`` in the current memcg until its child exists; return
     (child, an object allocated from it)."""
@@ -55,19 +56,6 @@ def child_of(k: Kernel, s):
     o = sl.kmem_cache_alloc(s)
     assert o.cache is not s
     return o.cache, o
-
-
-def hold_grace_period(k: Kernel) -> tuple[threading.Event, threading.Thread]:
-    inside, out = threading.Event(), threading.Event()
-
-    def reader() -> None:
-        with k.rcu.read():
-            inside.set()
-            out.wait(JOIN)
-
-    t = k.kthread_run(reader, name="reader")
-    assert inside.wait(JOIN)
-    return out, t
 
 
 def in_rcu_barrier(t) -> bool:
@@ -165,7 +153,7 @@ def deactivation_in_flight_during_root_destroy(k: Kernel) -> tuple:
     mc.attach(k.current(), mc.root)
     quiesce(k)
     bp = k.breakpoints.add("window:percpu_ref_kill:switch_pending")
-    out, reader = hold_grace_period(k)
+    out, reader = hold_grace_period(k, JOIN)
     assert mc.offline(m) == 0  # kmemcg_cache_deactivate(C): call_rcu, waiting for the reader
     destroyed = threading.Event()
 
@@ -299,80 +287,36 @@ class Churn:
     def __init__(self, k: Kernel, seed: int) -> None:
         self.k = k
         self.seed = seed
-        self.lock = threading.Lock()
-        self.live: list = []
-        self.users: dict[int, int] = {}
+        self.owned = OwnedCaches(per_cache=True)
         self.stop = threading.Event()
         self.K = k.slab.kmem_cache_create("kmalloc-192", 192, flags=SLAB_ACCOUNT)
-        self.live.append(self.K)
-        self.users[id(self.K)] = 0
-
-    def use(self, rng: random.Random):
-        with self.lock:
-            s = rng.choice(self.live) if self.live else None
-            if s is not None:
-                self.users[id(s)] += 1
-        return s
-
-    def unuse(self, s) -> None:
-        with self.lock:
-            self.users[id(s)] -= 1
+        self.owned.publish(self.K)
 
     def caches(self, i: int) -> None:
         k, sl = self.k, self.k.slab
         rng = random.Random(self.seed * 100 + i)
         while not self.stop.is_set():
             s = sl.kmem_cache_create(f"mod{i}", rng.choice((96, 192)), flags=SLAB_ACCOUNT)
-            with self.lock:
-                self.live.append(s)
-                self.users.setdefault(id(s), 0)
+            h = self.owned.publish(s)
             self.stop.wait(0.003)
-            with self.lock:
-                self.live.remove(s)
-            while s is not self.K:  # K outlives every alias: no need to wait for its users
-                with self.lock:
-                    if self.users[id(s)] == 0:
-                        break
-                time.sleep(0.0005)
-            try:
-                sl.kmem_cache_destroy(s)
-            except KasanOops:
-                pass
+            # K outlives every alias: no need to wait for its users
+            self.owned.destroy(k, h, s, wait=s is not self.K)
             k.window("churn:destroyed")
 
     def memcgs(self, i: int) -> None:
-        k, sl, mc = self.k, self.k.slab, self.k.memcg
+        k = self.k
         rng = random.Random(self.seed * 100 + 50 + i)
-        me = k.current()
-        while not self.stop.is_set():
-            m = mc.create(f"m{i}")
-            mc.memcg_activate_kmem(m)
-            mc.attach(me, m)
-            for _ in range(6):  # a while in the memcg: its queued creations get to run
-                s = self.use(rng)
-                if s is None:
-                    continue
-                try:
-                    sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))
-                except KasanOops:
-                    pass
-                finally:
-                    self.unuse(s)
+
+        def use() -> None:  # a while in the memcg: its queued creations get to run
+            if self.owned.alloc_free(k, rng):
                 self.stop.wait(0.001)
-            mc.attach(me, mc.root)
-            mc.offline(m)
+
+        memcg_user_loop(k, self.stop, f"m{i}", 6, use)
 
     def shrinker(self) -> None:
         rng = random.Random(self.seed * 100 + 99)
         while not self.stop.is_set():
-            s = self.use(rng)
-            if s is not None:
-                try:
-                    self.k.slab.kmem_cache_shrink(s)
-                except KasanOops:
-                    pass
-                finally:
-                    self.unuse(s)
+            self.owned.use(rng, self.k.slab.kmem_cache_shrink)
             self.stop.wait(0.002)
 
     def run(self, limit: float, found: threading.Event) -> float:
@@ -380,21 +324,13 @@ class Churn:
         ts = [k.kthread_run(self.caches, i, name=f"caches{i}") for i in range(2)]
         ts += [k.kthread_run(self.memcgs, i, name=f"memcgs{i}") for i in range(3)]
         ts.append(k.kthread_run(self.shrinker, name="shrinker"))
-        t0 = time.monotonic()
-        found.wait(limit)
-        elapsed = time.monotonic() - t0
-        self.stop.set()
-        for t in ts:
-            t.join(JOIN)
-        return elapsed
+        return run_until_found(ts, self.stop, found, limit, JOIN)
 
 
-@pytest.fixture
-def fast_switching():
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
+@pytest.fixture(name="fast_switching")
+def fast_switching_fixture():
+    with fast_switching():
+        yield
 
 
 @pytest.mark.parametrize("config, expect", [(with_bug(BUG16), True), (fixed(), False)],
@@ -408,13 +344,8 @@ def test_randomized_churn_bug16(config, expect: bool, fast_switching) -> None:
         found = threading.Event()
         k.findings.add_listener(lambda f: found.set())
         elapsed = Churn(k, 1).run(limit, found)
-        kinds = {f.kind for f in k.findings}
-        print(f"\nbug16 {'on' if expect else 'off'}: {sorted(kinds)} after {elapsed:.2f}s")
-        if expect:
-            assert found.is_set(), f"not found within {limit}s"
-            assert kinds <= set(BY_NAME[BUG16].detector), [f.title for f in k.findings]
-        else:
-            assert not kinds, [f.text for f in k.findings]
+        check_churn_outcome(k, expect, found.is_set(), BY_NAME[BUG16].detector, limit,
+                            f"bug16 {'on' if expect else 'off'}", elapsed)
 
 
 @pytest.mark.parametrize("config, expect", [(with_bug(BUG17), True), (fixed(), False)],
