@@ -54,6 +54,9 @@ MEMCG_V4 = "v4"  # 3.19-5.2: css-pinned children, async deactivation (4.11), dyi
 MEMCG_V4_REFCOUNT = "v4-refcount"  # seed 000's alternative: root lifetime refcount
 MEMCG_V53 = "v5.3"  # 5.3-5.8: percpu_ref-counted children
 MEMCG_V59 = "v5.9"  # 5.9+: obj_cgroup, no per-memcg caches
+# The hotplug design a memcg design needs (3.13 and 3.16 nest get_online_cpus() on their
+# destroy paths, which only the 2012 reader count allows)
+MEMCG_HOTPLUG = {MEMCG_V313: HOTPLUG_2012, MEMCG_V316: HOTPLUG_2012}
 MEMCG_DESIGNS = (MEMCG_V313, MEMCG_V316, MEMCG_V4, MEMCG_V4_REFCOUNT, MEMCG_V53, MEMCG_V59)
 
 
@@ -147,6 +150,7 @@ class Config:
             raise ConfigError(f"unknown memcg design {memcg!r} (choose from "
                               f"{', '.join(MEMCG_DESIGNS)})")
         all_bugs = p.bugs | frozenset(bugs)
+        explicit_hotplug = hotplug
         if hotplug is None:
             # a switched-on bug brings the hotplug design its historical code path needs
             needed = {BY_NAME[b].requires_hotplug for b in bugs} - {None}
@@ -158,6 +162,10 @@ class Config:
                 designs = BY_NAME[b].requires_memcg
                 if designs and memcg not in designs:
                     memcg = designs[0]
+                    if explicit_hotplug is None:
+                        # that design's paths nest get_online_cpus(): the 2012 reader count
+                        # allows it, a percpu rwsem with a writer queued would self-deadlock
+                        hotplug = MEMCG_HOTPLUG.get(memcg, hotplug)
         return cls(preset, all_bugs, hotplug, memcg)
 
     def bug(self, name: str) -> bool:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ ACCOUNT_SIZES = (96, 192)  # 4 objects per slab
 NAMES = ("dentry", "inode", "filp", "buffer_head", "sock", "task_struct", "vm_area", "anon_vma")
 MAX_LIVE = 12
 MAX_OBJS = 64
+RESERVE = 2  # objects kept per (memcg, cache) for the memcg's offline (World.charged)
+FLUSH_PROB = 0.5  # of retiring a memcg with kept objects after a CPU offline/online cycle
+DRAIN_DELAY = 0.002  # seconds after an offline its kept objects are freed, at most
 KEYS = 12  # few keys per table: readers often race the writer deleting theirs
 
 
@@ -63,6 +67,9 @@ class Entry:
     table: TypesafeTable | None = None
     keys: set[int] = field(default_factory=set)  # published in ``table``
     busy: set[int] = field(default_factory=set)  # keys a writer is working on
+    # ids of objects on ``objs`` that random frees leave alone: kept for their memcg's offline
+    # (World.charged); the owner still frees them at destroy, and the run's cleanup
+    reserved: set[int] = field(default_factory=set)
 
 
 class World:
@@ -75,12 +82,24 @@ class World:
         self.retiring: list[Any] = []  # taken out of ``memcgs``: offlined once empty
         self.tasks: list[Any] = []  # every driver's task (cgroup churners move them out)
         self.stop = threading.Event()
+        # burst memcgs just activated (a subset of ``memcgs``): allocators crowd into them so
+        # several creations of one (memcg, root) slot queue up while the arrays relocate
+        self.hot: list[Any] = []
+        # objects allocated from a memcg's children, by memcg: (entry, object). When the memcg
+        # goes offline its churner frees them at once (the owner's entry keeps them too: the
+        # first to take one out of ``Entry.objs`` frees it), so the last page of a dead child
+        # is freed while its destroy work is queued (catalog bug 8's window)
+        self.charged: dict[int, list[tuple[Entry, Any]]] = {}
+        self.charged_cpus: dict[int, set[int]] = {}  # the CPUs the kept objects came from
+        self.drain: list[tuple[float, list[tuple[Entry, Any]]]] = []  # (due, kept objects)
 
     # -- the owner protocol ------------------------------------------------------------------
-    def grab(self, rng: random.Random, typesafe: bool | None = None) -> Entry | None:
+    def grab(self, rng: random.Random, typesafe: bool | None = None,
+             account: bool = False) -> Entry | None:
         with self.lock:
             live = [e for e in self.entries
-                    if not e.dying and (typesafe is None or e.typesafe == typesafe)]
+                    if not e.dying and (typesafe is None or e.typesafe == typesafe)
+                    and (not account or e.cache.flags & SLAB_ACCOUNT)]
             if not live:
                 return None
             e = rng.choice(live)
@@ -110,6 +129,11 @@ Op = Callable[[World, random.Random, Counter], None]
 
 
 def op_allocator(w: World, rng: random.Random, ops: Counter) -> None:
+    if w.hot and rng.random() < 0.3:
+        hot_alloc(w, rng, ops)
+        return
+    if w.drain and rng.random() < 0.5:
+        drain_one(w, ops)
     e = w.grab(rng, typesafe=False)
     if e is None:
         return
@@ -118,11 +142,13 @@ def op_allocator(w: World, rng: random.Random, ops: Counter) -> None:
         if rng.random() < 0.55 and len(e.objs) < MAX_OBJS:
             obj = sl.kmem_cache_alloc(e.cache)
             ops["alloc"] += 1
+            note_charged(w, e, obj)  # first: once on e.objs, anybody may free it
             with e.lock:
                 e.objs.append(obj)
         else:
             with e.lock:
-                obj = e.objs.pop(rng.randrange(len(e.objs))) if e.objs else None
+                i = rng.randrange(len(e.objs)) if e.objs else -1
+                obj = None if i < 0 or id(e.objs[i]) in e.reserved else e.objs.pop(i)
             if obj is not None:  # very likely allocated by another thread
                 sl.kmem_cache_free(e.cache, obj)
                 ops["free"] += 1
@@ -135,11 +161,125 @@ def op_allocator(w: World, rng: random.Random, ops: Counter) -> None:
         move_self(w, rng, ops)
 
 
-def move_self(w: World, rng: random.Random, ops: Counter) -> None:
+def note_charged(w: World, e: Entry, obj: Any) -> None:
+    """Remember an object that went to a per-memcg child, under the memcg we are in; the
+    first RESERVE of each (memcg, entry) are kept from random frees until the offline."""
+    if obj.cache is e.cache:
+        return
+    m = w.k.current().memcg  # racy read (a churner may move us): a hint, not a claim
+    if m is None:
+        return
+    with w.lock:
+        if m not in w.memcgs:
+            return  # being retired: its offline may have collected already
+        lst = w.charged.setdefault(id(m), [])
+        if sum(1 for x, _ in lst if x is e) >= RESERVE:
+            return
+        lst.append((e, obj))
+        w.charged_cpus.setdefault(id(m), set()).add(w.k.hotplug.this_cpu())
+    with e.lock:  # before obj is on e.objs (see the caller)
+        e.reserved.add(id(obj))
+
+
+def hot_alloc(w: World, rng: random.Random, ops: Counter) -> None:
+    """Enter a just-activated burst memcg and allocate from an accounted root there: other
+    allocators do the same meanwhile, so the first allocations miss together and queue
+    several creations of one slot, while the burst relocates the arrays (catalog bug 7).
+    The objects are kept: freed later by anyone, or at the memcg's offline."""
+    with w.lock:
+        if not w.hot:
+            return
+        target = rng.choice(w.hot)
+    move_self(w, rng, ops, target)
+    if w.k.current().memcg is not target:
+        return
+    e = w.grab(rng, typesafe=False, account=True)
+    if e is None:
+        return
+    try:
+        for _ in range(rng.randint(1, 3)):
+            if len(e.objs) >= MAX_OBJS:
+                break
+            obj = w.k.slab.kmem_cache_alloc(e.cache)
+            ops["alloc"] += 1
+            note_charged(w, e, obj)  # first: once on e.objs, anybody may free it
+            with e.lock:
+                e.objs.append(obj)
+    finally:
+        w.put(e)
+
+
+def free_charged(w: World, m: Any, rng: random.Random, ops: Counter, before: bool) -> None:
+    """The objects kept from ``m``'s children: the last free of a child must race its
+    destroy work, queued at offline (catalog bug 8). ``before`` the offline, half of them go
+    to other drivers (``w.drain``: on other CPUs, as tasks dropping their last references
+    while the admin runs rmdir), and half of the time the admin cycles the CPUs they were
+    allocated on; after it, we free the rest at once."""
+    with w.lock:
+        items = w.charged.pop(id(m), [])
+        cpus = w.charged_cpus.pop(id(m), set())
+        if before:
+            keep = [x for x in items if rng.random() < 0.5]
+            w.charged[id(m)] = keep
+            now = [x for x in items if all(x is not y for y in keep)]
+            if now:
+                w.drain.append((time.monotonic() + rng.random() * DRAIN_DELAY, now))
+    if not before:
+        free_kept(w, items, ops)
+    elif items and rng.random() < FLUSH_PROB:
+        # a CPU offline/online cycle flushes the dead CPU's slabs: the children's last pages
+        # are no cpu slabs any more, so their last free discards them and nr_pages reaches
+        # 0 while the destroy work is queued
+        hp = w.k.hotplug
+        for cpu in sorted(cpus - {0}):
+            if hp.cpu_online(cpu) and hp.cpu_down(cpu) == 0:
+                hp.cpu_up(cpu)
+                ops["cpu_hotplug"] += 2
+
+
+def drain_one(w: World, ops: Counter) -> None:
+    """Free a batch of kept objects whose time has come (see free_charged)."""
+    now = time.monotonic()
+    with w.lock:
+        for i, (due, _) in enumerate(w.drain):
+            if due <= now:
+                items = w.drain.pop(i)[1]
+                break
+        else:
+            return
+    free_kept(w, items, ops)
+
+
+def free_kept(w: World, items: list[tuple[Entry, Any]], ops: Counter) -> None:
+    """Free kept objects whose owner is not destroying their cache (it frees them then)."""
+    for e, obj in items:
+        with w.lock:
+            if e.dying:
+                continue  # its owner frees it (and holds no lock we need)
+            e.users += 1
+        try:
+            with e.lock:
+                e.reserved.discard(id(obj))
+                for i, x in enumerate(e.objs):
+                    if x is obj:
+                        del e.objs[i]
+                        break
+                else:
+                    continue  # its owner freed it already
+            w.k.slab.kmem_cache_free(e.cache, obj)
+            ops["free"] += 1
+        finally:
+            w.put(e)
+
+
+def move_self(w: World, rng: random.Random, ops: Counter, target: Any = None) -> None:
     """Write ourselves into another memcg's cgroup.procs (or the root's)."""
     mc = w.k.memcg
     with w.lock:
-        target = rng.choice(w.memcgs) if w.memcgs and rng.random() < 0.8 else mc.root
+        if target is not None and target not in w.memcgs:
+            return  # retired meanwhile
+        if target is None:
+            target = rng.choice(w.memcgs) if w.memcgs and rng.random() < 0.8 else mc.root
         # the open cgroup.procs file's reference: a memcg still on w.memcgs is not offline
         # yet (a churner takes it off first), so it cannot be freed while we write to it
         mc.css_get(target)
@@ -185,7 +325,9 @@ def op_root_churn(w: World, rng: random.Random, ops: Counter) -> None:
             w.entries.append(e)
         return
     with w.lock:
-        live = [e for e in w.entries if not e.dying]
+        # an owner whose cache still has objects kept for a memcg's offline (bug 8's
+        # window) mostly keeps it a while longer: caches live tens of milliseconds otherwise
+        live = [e for e in w.entries if not e.dying and (not e.reserved or rng.random() < 0.2)]
         e = rng.choice(live) if live else None
         if e is not None:
             e.dying = True  # ours to destroy
@@ -259,8 +401,10 @@ def op_rcu_writer(w: World, rng: random.Random, ops: Counter) -> None:
 
 
 MAX_MEMCGS = 6
-BURST_PROB = 0.01  # per cgroup-churn step
-BURST_MAX = 200  # live memcgs a burst may bring the pool to
+BURST_PROB = 0.05  # per cgroup-churn step
+BURST_MAX = 800  # live memcgs a burst may bring the pool to
+HOT_MEMCGS = 3  # burst memcgs allocators crowd into before a relocation
+HOT_LEAD = 0.02  # seconds they do so before the relocation (and after it)
 
 
 def evict(w: World, m: Any) -> None:
@@ -281,19 +425,55 @@ def burst(w: World, ops: Counter) -> None:
     arrays, so they are relocated (memcg_update_all_caches) while creations run: the arrays
     only ever grow, so without bursts a run relocates them a few times during warm-up only
     (the 3.13 races of catalog bugs 7 and 13 live there). Bounded by BURST_MAX live memcgs;
-    the new memcgs join the pool and are retired one by one as usual."""
+    the new memcgs join the pool and are retired one by one as usual.
+
+    Before the activation that will relocate, the last few memcgs are made *hot* for a few
+    milliseconds: allocators crowd into them and allocate from the accounted roots, so
+    creations of fresh slots (several per slot) are queued when the relocation takes
+    slab_mutex between two of them (bug 7: the second checks the slot in the new, still
+    empty array while the first's child waits in the old one to be copied)."""
     mc = w.k.memcg
     with w.lock:
         room = BURST_MAX - len(w.memcgs) - len(w.retiring)
     before = mc.nr_cache_ids
-    for _ in range(max(0, room)):
-        if w.stop.is_set() or mc.nr_cache_ids != before:
-            break
-        m = mc.create(f"burst{ops['memcg_create']}")
-        mc.memcg_activate_kmem(m)
+    recent: list[Any] = []
+    try:
+        for _ in range(max(0, room)):
+            if w.stop.is_set() or mc.nr_cache_ids != before:
+                break
+            # the next activation relocates when every id below nr_cache_ids is taken (an
+            # unlocked peek at the id allocator: only a hint for when to heat up)
+            if len(recent) >= HOT_MEMCGS and len(mc._ids) + 1 >= mc.nr_cache_ids:
+                with w.lock:
+                    w.hot = [m for m in recent[-HOT_MEMCGS:] if m in w.memcgs]
+                w.stop.wait(HOT_LEAD)
+            m = mc.create(f"burst{ops['memcg_create']}")
+            mc.memcg_activate_kmem(m)
+            with w.lock:
+                w.memcgs.append(m)
+            recent.append(m)
+            ops["memcg_create"] += 1
+        if w.hot:
+            w.stop.wait(HOT_LEAD)  # the creations run on while the new arrays fill
+    finally:
         with w.lock:
-            w.memcgs.append(m)
-        ops["memcg_create"] += 1
+            w.hot = []
+
+
+def pick_retiree(w: World, rng: random.Random) -> int:
+    """Caller holds ``w.lock``: the index in ``w.memcgs`` of the memcg to retire. Half of the
+    time the one whose children hold the most kept objects: the root caches live some tens
+    of milliseconds only, so that memcg goes offline while they still do (bug 8)."""
+    n = len(w.memcgs)
+    if w.charged and rng.random() < 0.5:
+        best, most = -1, 0
+        for i, m in enumerate(w.memcgs):
+            k = sum(1 for e, _ in w.charged.get(id(m), ()) if not e.dying)
+            if k > most:
+                best, most = i, k
+        if best >= 0:
+            return best
+    return rng.randrange(n)
 
 
 def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
@@ -305,8 +485,10 @@ def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
     for m in claimed:  # offline those whose tasks have all moved away
         if rng.random() < 0.5:
             evict(w, m)  # or move them out ourselves, as an admin before rmdir
+        free_charged(w, m, rng, ops, before=True)
         if mc.offline(m) == 0:
             ops["memcg_offline"] += 1
+            free_charged(w, m, rng, ops, before=False)
         else:
             with w.lock:
                 w.retiring.append(m)  # still busy: later, by whoever claims it then
@@ -315,7 +497,7 @@ def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
     with w.lock:
         n = len(w.memcgs)
         grow = n < MAX_MEMCGS and (n < 2 or rng.random() < 0.5)
-        m = None if grow or not n else w.memcgs.pop(rng.randrange(n))
+        m = None if grow or not n else w.memcgs.pop(pick_retiree(w, rng))
         if m is not None:
             w.retiring.append(m)
     if grow:

@@ -210,6 +210,10 @@ def test_a_switch_brings_the_memcg_design_its_code_lives_in():
     the fixed preset it brings that design; a bug any of several designs carry keeps the
     preset's design when it is one of them; an explicit design wins."""
     assert Config.make("fixed", ["shrink_under_slab_caches_mutex"]).memcg == "v3.13"
+    # and the 3.13 design nests get_online_cpus(): it brings the 2012 hotplug lock
+    assert Config.make("fixed", ["shrink_under_slab_caches_mutex"]).hotplug == "2012"
+    assert Config.make("fixed", ["shrink_under_slab_caches_mutex"],
+                       hotplug="percpu_rwsem").hotplug == "percpu_rwsem"
     assert Config.make("fixed", ["get_cache_without_reference"]).memcg == "v4"
     assert Config.make("v3.16", ["get_cache_without_reference"]).memcg == "v3.16"
     assert Config.make("fixed", ["percpu_ref_exit_while_switching"]).memcg == "v5.3"
