@@ -43,7 +43,7 @@ from kmemcg.mm.typesafe import TypesafeTable, typesafe_delete, typesafe_insert, 
 
 SIZES = (32, 64, 96, 128, 192, 256)  # few sizes: creations often merge
 TYPESAFE_SIZES = (1024,)
-ACCOUNT_SIZES = (96, 192)  # 4 objects per slab
+ACCOUNT_SIZES = (96, 192)
 NAMES = ("dentry", "inode", "filp", "buffer_head", "sock", "task_struct", "vm_area", "anon_vma")
 MAX_LIVE = 12
 MAX_OBJS = 64
@@ -401,8 +401,8 @@ def op_rcu_writer(w: World, rng: random.Random, ops: Counter) -> None:
 
 
 MAX_MEMCGS = 6
-BURST_PROB = 0.05  # per cgroup-churn step
-BURST_MAX = 800  # live memcgs a burst may bring the pool to
+BURST_PROB = 0.01  # per cgroup-churn step
+BURST_MAX = 200  # live memcgs a burst may bring the pool to
 HOT_MEMCGS = 3  # burst memcgs allocators crowd into before a relocation
 HOT_LEAD = 0.02  # seconds they do so before the relocation (and after it)
 
