@@ -274,7 +274,7 @@ class MemcgSlab:
         sl = k.slab
         if cfg.bug("dying_set_before_alias_check"):
             # 4.18-5.7: flush_memcg_workqueue() first, whatever the alias count
-            self._set_dying(s)
+            self.memcg_set_kmem_cache_dying(s, locked=False)
             k.window("kmem_cache_destroy:dying_set")
             self.flush_memcg_workqueue(s)
         with DestroyLocks(sl) as held:
@@ -285,7 +285,7 @@ class MemcgSlab:
             if not cfg.bug("dying_set_before_alias_check") and \
                     not cfg.bug("root_destroy_without_flush"):
                 # d38a2b7a9c93: dying only once the last alias goes; flush with no lock held
-                s.memcg_params.dying = True
+                self.memcg_set_kmem_cache_dying(s, locked=True)
                 held.drop_all()
                 k.window("kmem_cache_destroy:flush")
                 self.flush_memcg_workqueue(s)
@@ -297,9 +297,13 @@ class MemcgSlab:
                 return
             sl.shutdown_cache(s, held)
 
-    def _set_dying(self, s: KmemCache) -> None:
-        with self._k.slab.slab_mutex:
+    def memcg_set_kmem_cache_dying(self, s: KmemCache, locked: bool) -> None:
+        """Mark root ``s`` dying: 4.18 under slab_mutex (``locked``: the caller holds it)."""
+        if locked:
             s.memcg_params.dying = True
+        else:
+            with self._k.slab.slab_mutex:
+                s.memcg_params.dying = True
 
     # ------------------------------------------------------------------ destruction
     def memcg_destroy_kmem_caches(self, memcg: MemCgroup) -> None:

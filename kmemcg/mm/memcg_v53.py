@@ -62,7 +62,6 @@ from kmemcg.core.percpu_ref import PercpuRef, percpu_ref_init
 from kmemcg.core.report import banner
 from kmemcg.mm.memcg_slab import MemcgSlab, is_child
 from kmemcg.mm.memcontrol import MemcgCacheParams
-from kmemcg.mm.slab_common import DestroyLocks
 from kmemcg.mm.slub import SLAB_ACCOUNT, KmemCache
 from kmemcg.workqueue import Work, queue_work
 
@@ -298,39 +297,10 @@ class MemcgSlabV53(MemcgSlab):
                           thread=k.current().name, extra={"memcg": memcg.path})
 
     # ------------------------------------------------------------------ root destroy
-    def kmem_cache_destroy(self, s: KmemCache) -> None:
-        """kmem_cache_destroy() of an accounted root: once the alias count reaches zero, mark
-        it dying, flush the memcg side with no lock held (rcu_barrier, the workqueue, and a
-        second rcu_barrier for the percpu_ref switches), then shut the children and the root
-        down."""
-        k = self._k
-        cfg = k.config
-        sl = k.slab
-        if cfg.bug("dying_set_before_alias_check"):
-            # 5.3-5.7: flush_memcg_workqueue() first, whatever the alias count
-            self.memcg_set_kmem_cache_dying(s)
-            k.window("kmem_cache_destroy:dying_set")
-            self.flush_memcg_workqueue(s)
-        with DestroyLocks(sl) as held:
-            s.alias_count -= 1
-            if s.alias_count:
-                return
-            sl.alias_race_window(held)
-            if not cfg.bug("dying_set_before_alias_check"):
-                # d38a2b7a9c93: dying only once the last alias goes; flush with no lock held
-                self.memcg_set_kmem_cache_dying(s)
-                held.drop_all()
-                k.window("kmem_cache_destroy:flush")
-                self.flush_memcg_workqueue(s)
-                held.take_all()
-            ok, children = self.shutdown_memcg_caches(s)
-            held.after_unlock(lambda: self._release(children))
-            if not ok:  # a child still has objects (reported): the root stays
-                s.alias_count += 1
-                return
-            sl.shutdown_cache(s, held)
-
-    def memcg_set_kmem_cache_dying(self, s: KmemCache) -> None:
+    # kmem_cache_destroy() is the base class's (d38a2b7a9c93's order unless bug 17 is on);
+    # 5.3 differs in the lock that guards ``dying`` and in the flush (below).
+    def memcg_set_kmem_cache_dying(self, s: KmemCache, locked: bool) -> None:
+        """5.3: ``dying`` is guarded by memcg_kmem_wq_lock (slab_mutex -> the spinlock)."""
         with self.memcg_kmem_wq_lock:
             s.memcg_params.dying = True
 
