@@ -80,10 +80,13 @@ def _cleanup(w: World, result: dict[str, Any]) -> None:
                 sl.kmem_cache_shrink(e.cache)
             except KasanOops:
                 pass
-        for c in sl.caches():
-            p = c.memcg_params
-            if p is not None and not p.is_root_cache:
-                sl.kmem_cache_shrink(c)
+        # the children under cpus + slab_mutex, as the deactivation work shrinks them: a
+        # child's destruction (css_free) takes the same locks, so none is freed under us
+        with sl.cpus_and_slab_mutex():
+            for c in sl.slab_caches:
+                p = c.memcg_params
+                if p is not None and not p.is_root_cache:
+                    sl.slub.kmem_cache_shrink(c)
         leak.quiesce()
         found |= {id(f) for f in leak.scan_memcgs() + leak.scan_memcg_caches()}
     for e in entries:  # 3. destroy every cache
