@@ -66,7 +66,8 @@ class Task:
 
     __slots__ = (
         "kernel", "pid", "comm", "thread_ident", "held", "chain_key", "rcu_nesting",
-        "rcu_ctr", "cpu", "memcg", "blocked_on", "blocked_since", "parked_at", "exited",
+        "rcu_ctr", "cpu", "memcg", "blocked_on", "blocked_since", "blocked_owned", "parked_at",
+        "exited",
         "hotplug_depth", "__weakref__", "extra",
     )
 
@@ -83,6 +84,7 @@ class Task:
         self.memcg: Any = None  # mem_cgroup the task is charged to (mm layer)
         self.blocked_on: Any = None  # what it sleeps on (written under the wait-tracker lock)
         self.blocked_since = 0.0
+        self.blocked_owned = False  # held what it blocked on when it began to wait (AA)
         self.parked_at: str | None = None  # breakpoint key while parked by a test
         self.exited = False
         self.hotplug_depth = 0  # get_online_cpus() nesting (2012 hotplug design)

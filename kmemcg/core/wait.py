@@ -11,7 +11,9 @@ hung_task_timeout.
 The kernel has no such detector (lockdep predicts, the hung-task watchdog notices late); the
 model can afford one because every sleeper is known. A cycle is reported only when it is seen
 twice in a row with the same sleepers and the same sleep start times, so a chain read while an
-owner is changing hands cannot raise a false alarm.
+owner is changing hands cannot raise a false alarm; and a sleeper that already owns what it
+waits on, but did not when it began to wait, has just been granted it (and may be descheduled
+before it clears its state for longer than a poll period): it is not asleep.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ class WaitTracker:
     def wait(self, task: Task, obj: Any, try_once: Callable[[float], bool]) -> None:
         """Sleep until ``try_once(timeout)`` returns True; ``obj`` is what is waited on."""
         k = self._k
+        owned = task in owners_of(obj)
         with self._lock:
             task.blocked_on = obj
             task.blocked_since = time.monotonic()
+            task.blocked_owned = owned
         last: tuple | None = None
         try:
             while not try_once(POLL_S):
@@ -71,10 +75,16 @@ class WaitTracker:
                     return None
                 seen.add(task.pid)
                 path.append((task, obj, task.blocked_since))
-                owners = [o for o in owners_of(obj) if o is not task]
+                all_owners = owners_of(obj)
+                if task in all_owners and not task.blocked_owned:
+                    # It got what it waited for and has not cleared blocked_on yet: a thread
+                    # can be descheduled right there for longer than a poll period.
+                    return None
+                owners = [o for o in all_owners if o is not task]
                 if not owners:
-                    # a task blocked on a lock it holds itself (AA) is a cycle of one
-                    if task in owners_of(obj):
+                    # a task blocked on a lock it held before it began to wait (AA) is a cycle
+                    # of one
+                    if task in all_owners:
                         return tuple(path)
                     return None
                 if start in owners:

@@ -207,3 +207,26 @@ def test_lockdep_reports_abba_that_never_overlaps(kernel) -> None:
     t.join(5)
     assert [f.kind for f in kernel.findings] == [F.CIRCULAR_LOCKING]
     assert not kernel.deadlocked
+
+
+def test_a_sleeper_just_granted_what_it_waited_for_is_not_a_deadlock(kernel) -> None:
+    """Found by a soak run under load: a cpu_down() writer descheduled for more than a poll
+    period between getting the hotplug lock and clearing its wait state looked like a task
+    blocked on a lock it holds (AA). Owning what it waits on counts only if it owned it when it
+    began to wait (a recursive read behind a queued writer, a real AA)."""
+    task = kernel.current()
+
+    class Held:
+        name = "x"
+
+        def waiter_owners(self) -> list:
+            return [task]
+
+    try:
+        task.blocked_on, task.blocked_owned = Held(), False
+        assert kernel.waits._find_cycle(task) is None
+        task.blocked_owned = True
+        cycle = kernel.waits._find_cycle(task)
+        assert cycle is not None and cycle[0][0] is task
+    finally:
+        task.blocked_on, task.blocked_owned = None, False
