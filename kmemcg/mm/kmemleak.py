@@ -35,7 +35,6 @@ that a churn run's many memcgs of one name make one finding, counted per item).
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -69,7 +68,7 @@ class Kmemleak:
 
     def __init__(self, k: Kernel) -> None:
         self._k = k
-        self._lock = threading.Lock()  # raw: serialises scans (kmemleak's scan_mutex)
+        self._lock = k.raw_lock()  # serialises scans (kmemleak's scan_mutex)
         # Items already reported (OBJECT_REPORTED), weakly: a reported object may still be
         # freed later and its id reused.
         self._reported: weakref.WeakSet[Any] = weakref.WeakSet()
