@@ -215,3 +215,9 @@ def check_churn_outcome(k: Kernel, expect: bool, found: bool, detector: Iterable
             raise AssertionError([f.title for f in k.findings])
     elif kinds:
         raise AssertionError([f.text for f in k.findings])
+
+
+def settle(k: Kernel) -> None:
+    """Let every queued RCU callback and work run (creations, deactivations, releases,
+    css_free), until nothing new appears: the leak check's quiesce()."""
+    k.kmemleak.quiesce()

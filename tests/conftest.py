@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import pytest
 
 from kmemcg import Kernel
@@ -14,3 +17,19 @@ def kernel(request):
     register_kernel(request.node, k)  # its held locks are dumped if the test times out
     yield k
     k.shutdown(timeout=5.0)
+
+
+@pytest.fixture
+def kernels() -> Iterator[Callable[..., Kernel]]:
+    """``make(config=None, **Kernel kwargs)``: several kernels in one test, each shut down
+    after it, with no model thread left behind."""
+    made: list[Kernel] = []
+
+    def make(config: Any = None, **kw: Any) -> Kernel:
+        k = Kernel(config=config, name=f"k{len(made)}", **kw)
+        made.append(k)
+        return k
+
+    yield make
+    for k in made:
+        assert k.shutdown(timeout=5.0) == [], f"{k.name}: threads left behind"

@@ -18,7 +18,6 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,7 +29,7 @@ from kmemcg.core import findings as F
 from kmemcg.core.instrument import Perturb
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import wait_until
+from kmemcg.testing import settle, wait_until
 
 BUG9 = "get_cache_without_reference"
 BUG10 = "free_path_touches_cache_after_uncharge"
@@ -44,25 +43,6 @@ def config(design: str, *bugs: str) -> Config:
     return Config.make("fixed", bugs=list(bugs), memcg="v4")
 
 
-@pytest.fixture
-def kernels() -> Iterator[Any]:
-    made: list[Kernel] = []
-
-    def make(cfg: Config) -> Kernel:
-        k = Kernel(config=cfg, name=f"k{len(made)}")
-        made.append(k)
-        return k
-
-    yield make
-    for k in made:
-        assert k.shutdown(timeout=WAIT) == [], f"{k.name}: threads left behind"
-
-
-def settle(k: Kernel) -> None:
-    for _ in range(3):
-        k.rcu.barrier()
-        k.memcg_slab.wq.flush()
-        k.system_wq.flush()
 
 
 def child_of_memcg(k: Kernel) -> tuple[Any, Any, Any]:

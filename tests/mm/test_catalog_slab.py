@@ -18,7 +18,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -85,20 +85,6 @@ def wait_for_kind(k: Kernel, *wanted: str, timeout: float = WAIT) -> list[F.Find
     wait_until(lambda: bool(k.findings.of_kind(*wanted)), timeout)
     return k.findings.of_kind(*wanted)
 
-
-@pytest.fixture
-def kernels() -> Iterator[Callable[..., Kernel]]:
-    """``make(**Kernel kwargs)``: kernels shut down after the test, with no thread left."""
-    made: list[Kernel] = []
-
-    def make(**kw: Any) -> Kernel:
-        k = Kernel(name=f"catalog{len(made)}", **kw)
-        made.append(k)
-        return k
-
-    yield make
-    for k in made:
-        assert k.shutdown(timeout=WAIT) == [], f"{k.name}: threads left behind"
 
 
 def typesafe_cache_with_one_object(k: Kernel) -> tuple[KmemCache, Any]:

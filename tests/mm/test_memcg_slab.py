@@ -11,15 +11,7 @@ from kmemcg import Kernel
 from kmemcg.core import findings as F
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import in_memcg, wait_until
-
-
-def settle(k: Kernel) -> None:
-    """Let every queued creation / deactivation / free run."""
-    for _ in range(3):
-        k.rcu.barrier()
-        k.memcg_slab.wq.flush()
-        k.system_wq.flush()
+from kmemcg.testing import in_memcg, settle, wait_until
 
 
 def test_an_accounted_allocation_goes_to_the_memcgs_child_once_it_exists(kernel):

@@ -14,7 +14,7 @@ from kmemcg.core import findings as F
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.memcg_v313 import MemcgSlabV313
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import in_memcg, wait_until
+from kmemcg.testing import in_memcg, settle, wait_until
 
 V313_BUGS = PRESETS["v3.13"].bugs
 
@@ -27,10 +27,6 @@ def v313(without: tuple[str, ...] = (), with_: tuple[str, ...] = ()) -> Config:
 FIXED = Config("v3.13", frozenset(), "2012", "v3.13")
 
 
-def settle(k: Kernel) -> None:
-    for _ in range(3):
-        k.rcu.barrier()
-        k.system_wq.flush()
 
 
 def child_of(k: Kernel, s, m):

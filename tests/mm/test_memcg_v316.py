@@ -5,7 +5,6 @@ alias race (catalog 5) on an accounted root. Bugs 9 and 10: test_catalog_memcg_9
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from kmemcg.core import findings as F
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.memcg_v316 import MemcgSlabV316
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import wait_until
+from kmemcg.testing import settle, wait_until
 
 WAIT = 5.0
 BUG9 = "get_cache_without_reference"
@@ -27,25 +26,6 @@ def v316(*bugs: str) -> Config:
     return Config.make("fixed", bugs=list(bugs), hotplug="2012", memcg="v3.16")
 
 
-@pytest.fixture
-def kernels() -> Iterator[Any]:
-    made: list[Kernel] = []
-
-    def make(cfg: Config | str) -> Kernel:
-        k = Kernel(config=cfg, name=f"k{len(made)}")
-        made.append(k)
-        return k
-
-    yield make
-    for k in made:
-        assert k.shutdown(timeout=WAIT) == [], f"{k.name}: threads left behind"
-
-
-def settle(k: Kernel) -> None:
-    for _ in range(3):
-        k.rcu.barrier()
-        k.memcg_slab.wq.flush()
-        k.system_wq.flush()
 
 
 def child(k: Kernel, name: str = "dentry") -> tuple[Any, Any, Any]:

@@ -15,7 +15,7 @@ from kmemcg.core.instrument import Perturb
 from kmemcg.core.kasan import Kasan
 from kmemcg.mm.memcg_v59 import ObjCgroupV59, obj_full_size
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import wait_until
+from kmemcg.testing import settle, wait_until
 
 
 @pytest.fixture
@@ -26,11 +26,6 @@ def kernel():
     k.shutdown(timeout=5.0)
 
 
-def settle(k: Kernel) -> None:
-    """Let every pending kill (RCU), release (kfree_rcu) and css_free (RCU + work) run."""
-    for _ in range(4):
-        k.rcu.barrier()
-        k.system_wq.flush()
 
 
 def activated(k: Kernel, name: str, parent=None):
