@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 from kmemcg.core import findings as F
 from kmemcg.core.kasan import KasanObject
-from kmemcg.core.stacks import format_stack
+from kmemcg.core.report import warn_splat
 
 if TYPE_CHECKING:
     from kmemcg.kernel import Kernel
@@ -221,11 +221,7 @@ class PercpuRef(KasanObject):
         stack = k.stacks.capture(2)
         k.findings.report(
             F.REFCOUNT, title, f"percpu_ref:{key}",
-            lambda: ("------------[ cut here ]------------\n"
-                     f"{message}\n"
-                     f"WARNING: CPU: {task.cpu} PID: {task.pid} at {where}\n"
-                     f"{k.release_line()}\nCall Trace:\n" + format_stack(stack, " ")
-                     + "---[ end trace ]---\n"),
+            lambda: warn_splat(k, task, message, where, stack),
             thread=task.name, extra={"percpu_ref": self.name, "event": key})
 
 

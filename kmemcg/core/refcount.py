@@ -16,7 +16,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from kmemcg.core import findings as F
-from kmemcg.core.stacks import format_stack
+from kmemcg.core.report import warn_splat
 
 if TYPE_CHECKING:
     from kmemcg.kernel import Kernel
@@ -115,9 +115,5 @@ class Refcount:
         stack = k.stacks.capture(2)
         k.findings.report(
             F.REFCOUNT, title, f"{self.name}:{what.split(';')[0]}@{func}",
-            lambda: ("------------[ cut here ]------------\n"
-                     f"{title}\n"
-                     f"WARNING: CPU: {task.cpu} PID: {task.pid} at {func}: {self.name}\n"
-                     f"{k.release_line()}\nCall Trace:\n" + format_stack(stack, " ")
-                     + "---[ end trace ]---\n"),
+            lambda: warn_splat(k, task, title, f"{func}: {self.name}", stack),
             thread=task.name, extra={"refcount": self.name, "event": what})

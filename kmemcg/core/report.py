@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from kmemcg.core.stacks import format_site
+from kmemcg.core.stacks import format_site, format_stack
 
 if TYPE_CHECKING:
     from kmemcg.core.task import Task
@@ -28,6 +28,16 @@ def banner(title: str, k: Kernel, rule: str = "=") -> str:
     width = max(len(title), 40)
     dash = "-" * width
     return f"{rule * width}\n{title}\n{k.release_line()}\n{dash}\n"
+
+
+def warn_splat(k: Kernel, task: Any, message: str, where: str, stack: Any) -> str:
+    """A WARN() splat as the kernel prints it: cut here, the message, "WARNING: CPU: N PID: N
+    at WHERE", the release line, the call trace."""
+    return ("------------[ cut here ]------------\n"
+            f"{message}\n"
+            f"WARNING: CPU: {task.cpu} PID: {task.pid} at {where}\n"
+            f"{k.release_line()}\nCall Trace:\n" + format_stack(stack, " ")
+            + "---[ end trace ]---\n")
 
 
 def site_key(site: Any) -> tuple[str, int, str] | None:

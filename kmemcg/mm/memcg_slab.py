@@ -41,7 +41,8 @@ at once, as before 3.19), ``free_path_touches_cache_after_uncharge`` (10),
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from kmemcg.mm.memcontrol import KMEM_ONLINE, MemcgCacheParams
 from kmemcg.mm.slab_common import DestroyLocks
@@ -213,21 +214,25 @@ class MemcgSlab:
     # ------------------------------------------------------------------ offline
     def memcg_deactivate_kmem_caches(self, memcg: MemCgroup) -> None:
         """At offline: unpublish every child of ``memcg`` and deactivate it."""
-        k = self._k
-        sl = k.slab
-        idx = memcg.kmemcg_id
-        with sl.cpus_and_slab_mutex():
-            for s in sl.slab_caches:
-                p = s.memcg_params
-                if p is None or not p.is_root_cache:
-                    continue
-                arr = p.memcg_caches.protected(sl.slab_mutex)
-                c = arr.entries[idx] if idx < len(arr.entries) else None
-                if c is None:
-                    continue
+        with self._k.slab.cpus_and_slab_mutex():
+            for p, arr, idx, c in self.memcg_slots(memcg):
                 arr.entries[idx] = None
                 if not p.dying:
                     self.slab_deactivate_memcg_cache_rcu_sched(c, memcg)
+
+    def memcg_slots(self, memcg: MemCgroup) -> Iterator[tuple[Any, Any, int, KmemCache]]:
+        """Caller holds slab_mutex: (root params, array, index, child) for every root cache
+        with a child published in ``memcg``'s slot."""
+        sl = self._k.slab
+        idx = memcg.kmemcg_id
+        for s in list(sl.slab_caches):
+            p = s.memcg_params
+            if p is None or not p.is_root_cache:
+                continue
+            arr = p.memcg_caches.protected(sl.slab_mutex)
+            c = arr.entries[idx] if 0 <= idx < len(arr.entries) else None
+            if c is not None:
+                yield p, arr, idx, c
 
     def slab_deactivate_memcg_cache_rcu_sched(self, c: KmemCache, memcg: MemCgroup) -> None:
         """Caller holds slab_mutex: deactivate child ``c`` after a grace period."""

@@ -184,17 +184,9 @@ class MemcgSlabV53(MemcgSlab):
         k = self._k
         sl = k.slab
         mc = k.memcg
-        idx = memcg.kmemcg_id
         parent = memcg.parent
         with sl.cpus_and_slab_mutex():
-            for s in sl.slab_caches:
-                p = s.memcg_params
-                if p is None or not p.is_root_cache:
-                    continue
-                arr = p.memcg_caches.protected(sl.slab_mutex)
-                c = arr.entries[idx] if 0 <= idx < len(arr.entries) else None
-                if c is None:
-                    continue
+            for _p, arr, idx, c in self.memcg_slots(memcg):
                 self.kmemcg_cache_deactivate(c)
                 arr.entries[idx] = None
             # fb2f2b0adb98: the caches move to the parent with their css references; the
