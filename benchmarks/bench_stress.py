@@ -134,6 +134,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter runs, 3 seeds")
     ap.add_argument("--only", default="throughput,scaling,rss,detect,presets")
     ap.add_argument("--bugs", default="", help="comma-separated catalog bug names (detect)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per bug (detect)")
+    ap.add_argument("--limit", type=float, default=60.0, help="seconds per run (detect)")
+    ap.add_argument("--perturb", default=None, help="comma-separated --perturb levels (detect)")
     a = ap.parse_args()
     parts = set(a.only.split(","))
     dur = 5.0 if a.quick else 10.0
@@ -145,7 +148,9 @@ def main() -> None:
     if "rss" in parts:
         rss(30.0 if a.quick else 60.0)
     if "detect" in parts:
-        detect(3 if a.quick else 5, 60.0, ["light"] if a.quick else ["light", "off", "heavy"],
+        levels = a.perturb.split(",") if a.perturb else (
+            ["light"] if a.quick else ["light", "off", "heavy"])
+        detect(a.seeds or (3 if a.quick else 5), a.limit, levels,
                [b for b in a.bugs.split(",") if b])
     if "presets" in parts:
         presets(2 if a.quick else 3, 15.0 if a.quick else 30.0)

@@ -22,16 +22,20 @@ from kmemcg.core import findings as F
 from kmemcg.core.instrument import Perturb
 from stress import reporting
 from stress.args import Parser, UsageError
-from stress.cleanup import cleanup
+from stress.cleanup import cleanup, start_leak_scanner
 from stress.world import ROLES, WORKLOADS, World, assign_roles, run_role
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_DEADLOCK, EXIT_CRASH, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 CLEANUP_TIMEOUT = 3.0  # seconds for the end-of-run cleanup and leak check
-PERTURB = {  # probability of a delay at a race window, its longest sleep (s), and the share
-    "off": (0.0, 0.0, 0.0),  # of delays that are long ones (up to 25 ms: a grace period and
-    "light": (0.2, 0.001, 0.01),  # a work fit in; see kmemcg.core.instrument.Perturb)
-    "heavy": (0.5, 0.004, 0.03),
+# Delays at the named race windows (kmemcg.core.instrument.Perturb): the probability of a
+# delay, its longest sleep (s), the share of long ones (up to 25 ms: a grace period and a
+# work fit in), and the share of windows each half-second phase focuses (delayed half of the
+# time, up to 25 ms, for the whole phase).
+PERTURB: dict[str, dict[str, float]] = {
+    "off": {},
+    "light": {"prob": 0.2, "longest": 0.001, "tail": 0.01, "focus": 0.25},
+    "heavy": {"prob": 0.5, "longest": 0.004, "tail": 0.03, "focus": 0.4},
 }
 
 
@@ -128,11 +132,11 @@ def run(args: argparse.Namespace) -> int:
     k = Kernel(name="stress", config=args.config, lockdep=not args.no_lockdep,
                kasan=not args.no_kasan, lock_stat=args.lock_stat, cpus=args.cpus,
                hung_task_timeout=args.hung_timeout)
-    prob, longest, tail = PERTURB[args.perturb]
-    if prob:
-        k.add_instrument(Perturb(seed, prob, longest, tail))
+    if PERTURB[args.perturb]:
+        k.add_instrument(Perturb(seed, **PERTURB[args.perturb]))
     world = World(k, seed)
     stop = world.stop
+    start_leak_scanner(world)
     roles = assign_roles(args.mix_weights, args.threads)
     counters = [Counter() for _ in range(args.threads)]  # one per driver: no shared counter
     first_finding = threading.Event()

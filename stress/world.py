@@ -51,6 +51,8 @@ RESERVE = 2  # objects kept per (memcg, cache) for the memcg's offline (World.ch
 FLUSH_PROB = 0.5  # of retiring a memcg with kept objects after a CPU offline/online cycle
 DRAIN_DELAY = 0.002  # seconds after an offline its kept objects are freed, at most
 KEYS = 12  # few keys per table: readers often race the writer deleting theirs
+LONG_LIVED = 0.25  # of the caches created: kept LONG_LIFE seconds, as a module's caches are
+LONG_LIFE = (1.0, 4.0)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Entry:
     # ids of objects on ``objs`` that random frees leave alone: kept for their memcg's offline
     # (World.charged); the owner still frees them at destroy, and the run's cleanup
     reserved: set[int] = field(default_factory=set)
+    keep_until: float = 0.0  # time.monotonic() before which the owner does not destroy it
 
 
 class World:
@@ -319,6 +322,10 @@ def op_root_churn(w: World, rng: random.Random, ops: Counter) -> None:
         s = sl.kmem_cache_create(rng.choice(NAMES), size, 0, flags)
         ops["cache_create"] += 1
         e = Entry(s, typesafe)
+        if rng.random() < LONG_LIVED:
+            # most caches live tens of milliseconds here; a few live seconds, so the state a
+            # destroy of one alias leaves in a merged cache lasts (catalog bug 17's dying root)
+            e.keep_until = time.monotonic() + rng.uniform(*LONG_LIFE)
         if typesafe:
             e.table = TypesafeTable(k, f"table_{s.name}")
         with w.lock:
@@ -327,7 +334,9 @@ def op_root_churn(w: World, rng: random.Random, ops: Counter) -> None:
     with w.lock:
         # an owner whose cache still has objects kept for a memcg's offline (bug 8's
         # window) mostly keeps it a while longer: caches live tens of milliseconds otherwise
-        live = [e for e in w.entries if not e.dying and (not e.reserved or rng.random() < 0.2)]
+        now = time.monotonic()
+        live = [e for e in w.entries if not e.dying and e.keep_until <= now
+                and (not e.reserved or rng.random() < 0.2)]
         e = rng.choice(live) if live else None
         if e is not None:
             e.dying = True  # ours to destroy

@@ -126,3 +126,19 @@ def test_leak_check_runs_after_the_cleanup_and_finds_bug_17s_zombies(capsys):
     assert code == 1 and s["leak_check"]["ran"] and s["leak_check"]["leaks"] >= 1
     assert {f["kind"] for f in s["findings"]} == {"memory_leak"}
     assert any(f["title"].endswith("never deactivated") for f in s["findings"])
+
+
+def test_the_leak_scan_thread_finds_bug_17_while_the_run_goes_on(capsys):
+    """kmemleak's scan thread reports children of memcgs offline for a second that were never
+    deactivated: bug 17 is found during the run (``--fail-fast`` ends it there), not only by
+    the end-of-run check (randomized: up to three runs)."""
+    for seed in (1, 2, 3):
+        code = main(["--threads", "16", "--duration", "20", "--fail-fast", "--seed", str(seed),
+                     "--json", "--quiet", "--bug", "dying_set_before_alias_check"])
+        s = json.loads(capsys.readouterr().out)
+        if s["findings"]:
+            break
+    assert code == 1 and s["duration_s"] < 15
+    (f,) = [f for f in s["findings"] if f["title"].endswith("never deactivated")][:1]
+    assert f["kind"] == "memory_leak" and f["first_seen_s"] < 15
+    assert "unpublished at its memcg's offline, never deactivated" in f["text"]

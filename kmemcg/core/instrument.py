@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -194,14 +195,37 @@ class Perturb(Instrument):
     """Race-window perturbation: at each named window (``k.window(name)``) sleep up to
     ``longest`` seconds with probability ``prob``; one such sleep in ``1 / tail`` is a long one,
     up to ``tail_longest``: long enough for a grace period and a queued work to run inside the
-    window (the memcg windows whose other side is an RCU callback, then a work, need that). The
-    random stream is per task and derived from ``seed``, so a seed fixes every choice it makes
-    (not the OS scheduler's)."""
+    window (the memcg windows whose other side is an RCU callback, then a work, need that).
+
+    *Focus phases* (swarm testing over the windows, after Groce et al.'s swarm testing and
+    PCT's few change points): time is cut into ``phase``-second phases, and in each phase every
+    window is *focused* with probability ``focus``; at a focused window the task sleeps with
+    probability ``focus_prob`` up to ``tail_longest``. A bug whose other side needs a grace
+    period and a work inside one window gets long windows for a whole phase, many times in a
+    row, instead of one long sleep in a hundred; the other windows keep their short sleeps, so
+    the rest of the model is not slowed down with it. Which windows a phase focuses is a hash
+    of (seed, phase, window name): no list of windows to keep, and nothing to know about the
+    model.
+
+    The random streams are per task and derived from ``seed``, so a seed fixes every choice
+    this makes (not the OS scheduler's, nor which phase an event falls in)."""
 
     def __init__(self, seed: int, prob: float, longest: float, tail: float = 0.0,
-                 tail_longest: float = 0.025) -> None:
+                 tail_longest: float = 0.025, focus: float = 0.0, focus_prob: float = 0.5,
+                 phase: float = 0.5) -> None:
         self.seed, self.prob, self.longest = seed, prob, longest
         self.tail, self.tail_longest = tail, tail_longest
+        self.focus, self.focus_prob, self.phase = focus, focus_prob, phase
+        self._focus_cut = int(focus * 0xFFFFFFFF)
+        self._t0 = time.monotonic()
+
+    def focused(self, label: str, now: float | None = None) -> bool:
+        """Is window ``label`` focused in the phase ``now`` (monotonic) falls in?"""
+        if not self._focus_cut:
+            return False
+        t = time.monotonic() if now is None else now
+        ph = int((t - self._t0) / self.phase)
+        return zlib.crc32(f"{self.seed}:{ph}:{label}".encode()) < self._focus_cut
 
     def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
         if point != "window":
@@ -209,6 +233,9 @@ class Perturb(Instrument):
         rng = task.extra.get("perturb_rng")
         if rng is None:
             rng = task.extra["perturb_rng"] = random.Random(self.seed * 7919 + task.pid)
-        if rng.random() < self.prob:
+        if self.focused(label):
+            if rng.random() < self.focus_prob:
+                time.sleep(rng.random() * self.tail_longest)
+        elif rng.random() < self.prob:
             longest = self.tail_longest if rng.random() < self.tail else self.longest
             time.sleep(rng.random() * longest)

@@ -69,10 +69,11 @@ class Kmemleak:
     def __init__(self, k: Kernel) -> None:
         self._k = k
         self._lock = k.raw_lock()  # serialises scans (kmemleak's scan_mutex)
-        # Items already reported (OBJECT_REPORTED), weakly: a reported object may still be
-        # freed later and its id reused.
-        self._reported: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._reported_keys: set[tuple[str, int]] = set()  # RCU callbacks (no weakref)
+        # Items already reported (OBJECT_REPORTED) -> the signature of their finding, weakly: a
+        # reported object may still be freed later and its id reused. One item seen by two
+        # scans (an undeactivated child, then a cache left) stays one leak.
+        self._reported: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._reported_keys: dict[tuple[str, int], str] = {}  # RCU callbacks (no weakref)
         self.nr_scans = 0
 
     # ------------------------------------------------------------------ quiesce
@@ -120,22 +121,26 @@ class Kmemleak:
     def scan_caches(self) -> list[Finding]:
         return self.scan(CACHES)
 
-    def scan_undeactivated(self) -> list[Finding]:
+    def scan_undeactivated(self, min_age: float = 0.0) -> list[Finding]:
         """Per-memcg caches of offline memcgs that the design's offline never deactivated
         (kmemcg.mm.memcg_slab.MemcgSlab.offline_children_not_deactivated): their empty slabs
-        pin the memcg for as long as the root lives. Call after quiesce()."""
+        pin the memcg for as long as the root lives. Call after quiesce(), or with
+        ``min_age`` > 0 while the kernel runs (the scan thread: only memcgs offline for at
+        least ``min_age`` seconds, as kmemleak reports only objects older than its
+        jiffies_min_age)."""
         out: dict[int, Finding] = {}
         ms = self._k.memcg_slab
         if ms is None:
             return []
         with self._lock:
             self.nr_scans += 1
-            for c in ms.offline_children_not_deactivated():
+            for c in ms.offline_children_not_deactivated(min_age):
                 try:
                     p = c.memcg_params
                     active, total, slabs = self._k.slab.slub.counts(c)
-                    extra = (f"  per-memcg kmem_cache {c.name} of offline memcg {p.memcg.path}, "
-                             f"never deactivated: {slabs} slab(s) pin the memcg\n")
+                    extra = (f"  per-memcg kmem_cache {c.name} (memcg {p.memcg.path}), unpublished "
+                             f"at its memcg's offline, never deactivated: {slabs} slab(s) "
+                             f"kept\n")
                     self._leak(out, c, CACHES, f"undeactivated:{cache_signature(c.name)}",
                                f"kmem_cache {cache_signature(c.name)} never deactivated",
                                c.size, extra)
@@ -284,33 +289,34 @@ class Kmemleak:
         info = _kasan_info(obj) if obj is not None and not isinstance(obj, tuple) else None
         addr = id(obj)
         text = self._text(addr, size, info, extra)
-        new = self._first_time(obj)
-        if new:
+        first = self._first_time(obj, sig)
+        if first is None:
             f = k.findings.report(F.MEMLEAK, f"kmemleak: unreferenced object: {title}", sig,
                                   text, thread=k.current().name,
                                   extra={"what": what, "name": name})
         else:
-            f = self._find(sig)
+            f = self._find(first)
             if f is None:  # the log was cleared since: report it afresh
                 f = k.findings.report(F.MEMLEAK, f"kmemleak: unreferenced object: {title}",
                                       sig, text, thread=k.current().name,
                                       extra={"what": what, "name": name})
         out.setdefault(id(f), f)
 
-    def _first_time(self, obj: Any) -> bool:
-        """OBJECT_REPORTED: True the first time ``obj`` is seen leaking."""
+    def _first_time(self, obj: Any, sig: str) -> str | None:
+        """OBJECT_REPORTED: None the first time ``obj`` is seen leaking (it is then recorded
+        under ``sig``), else the signature it was first reported under."""
         if obj is None:
-            return True
+            return None
         if isinstance(obj, tuple):  # an RCU callback (fn, args): no weak reference
             key = (cb_name(obj[0]), id(obj[1]))
-            if key in self._reported_keys:
-                return False
-            self._reported_keys.add(key)
-            return True
-        if obj in self._reported:
-            return False
-        self._reported.add(obj)
-        return True
+            seen = self._reported_keys.get(key)
+            if seen is None:
+                self._reported_keys[key] = sig
+            return seen
+        seen = self._reported.get(obj)
+        if seen is None:
+            self._reported[obj] = sig
+        return seen
 
     def _find(self, sig: str) -> Finding | None:
         for f in self._k.findings.of_kind(F.MEMLEAK):

@@ -41,6 +41,7 @@ at once, as before 3.19), ``free_path_touches_cache_after_uncharge`` (10),
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -240,20 +241,33 @@ class MemcgSlab:
         self._k.memcg.css_get(memcg)  # pin memcg so that c doesn't go meanwhile
         self._k.rcu.call(self._deactivate_rcufn, c)
 
-    def offline_children_not_deactivated(self) -> list[KmemCache]:
-        """An invariant of this design, for the leak check: once a memcg is offline and the
-        kernel drained (RCU callbacks, works) with no root destroy in progress, each of its
-        children was deactivated (its deactivation queued: deact_fn set). Only a root being
-        destroyed skips it (it shuts the child down itself); a child skipped otherwise keeps
-        its empty slabs, and they pin the memcg until the root goes (catalog bug 17 in
+    def offline_children_not_deactivated(self, min_age: float = 0.0) -> list[KmemCache]:
+        """An invariant of this design, for the leak check: once a memcg is offline, each of
+        its children was deactivated (its deactivation queued: deact_fn set). Only a root
+        being destroyed skips it (it shuts the child down itself); a child skipped otherwise
+        keeps its empty slabs, and they pin the memcg until the root goes (catalog bug 17 in
         4.18-5.2: a root left dying by the destroy of one of its aliases). Designs with
-        another lifecycle return nothing."""
+        another lifecycle override this or return nothing.
+
+        ``min_age``: kmemleak's minimum age, for a scan while the kernel runs: only children
+        whose memcg finished its offline at least that many seconds ago, and none whose root
+        has a kmem_cache_destroy() in progress (0: the caller quiesced the kernel)."""
         if type(self).memcg_deactivate_kmem_caches is not MemcgSlab.memcg_deactivate_kmem_caches:
             return []  # another design's offline: not this invariant
         sl = self._k.slab
+        now = time.monotonic()
         with sl.slab_mutex:
             return [c for c in sl.slab_caches if is_child(c) and not c.memcg_params.deact_queued
-                    and not c.memcg_params.memcg.online]
+                    and not c.memcg_params.memcg.online
+                    and self._aged(c, c.memcg_params.memcg.offline_at, min_age, now)]
+
+    def _aged(self, c: KmemCache, since: float | None, min_age: float, now: float) -> bool:
+        """Caller holds slab_mutex: is child ``c``, offline ``since`` then, old enough to be
+        reported by a scan with ``min_age`` (see offline_children_not_deactivated)?"""
+        if min_age <= 0:
+            return True
+        return since is not None and now - since >= min_age and \
+            not self._k.slab.destroy_in_progress(c.memcg_params.root_cache)
 
     def _deactivate_rcufn(self, c: KmemCache) -> None:
         queue_work(self.wq, Work(self._deactivate_workfn, c, name="kmemcg_deactivate_workfn"))

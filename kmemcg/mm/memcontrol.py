@@ -26,6 +26,7 @@ module; see docs/memcg-eras.md.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from kmemcg.core.kasan import KasanObject
@@ -48,7 +49,7 @@ class MemCgroup(KasanObject):
     ``nr_tasks`` under the subsystem's raw ``_tasks_lock`` (task exit cannot take mutexes)."""
 
     __slots__ = ("name", "serial", "parent", "children", "css_ref", "css_lock", "online",
-                 "kmem_state", "kmemcg_id", "nr_tasks", "kmem_caches", "design")
+                 "kmem_state", "kmemcg_id", "nr_tasks", "kmem_caches", "design", "offline_at")
 
     def __init__(self, k: Kernel, name: str, serial: int, parent: MemCgroup | None) -> None:
         self.name = name
@@ -63,6 +64,9 @@ class MemCgroup(KasanObject):
         self.nr_tasks = 0
         self.kmem_caches: list[KmemCache] = []  # this memcg's child caches (slab_mutex)
         self.design: Any = None  # the memcg design's own fields (e.g. 3.13's slab_caches_mutex)
+        # when its offline finished (time.monotonic()): kmemleak's object age, for scans
+        # that run while the kernel is busy (Kmemleak.scan_undeactivated's min_age)
+        self.offline_at: float | None = None
 
     def __repr__(self) -> str:
         return f"<mem_cgroup {object.__getattribute__(self, 'name')}>"
@@ -93,7 +97,7 @@ class MemcgCacheParams(KasanObject):
     ``memcg_caches`` is read lock-free under rcu_read_lock()."""
 
     __slots__ = ("is_root_cache", "memcg_caches", "children", "dying", "memcg", "root_cache",
-                 "deact_queued")
+                 "deact_queued", "offline_at")
 
     def __init__(self, is_root: bool) -> None:
         self.is_root_cache = is_root
@@ -103,6 +107,9 @@ class MemcgCacheParams(KasanObject):
         self.memcg: MemCgroup | None = None
         self.root_cache: KmemCache | None = None
         self.deact_queued = False  # child: its deactivation was queued (v4 design, deact_fn)
+        # child: when its memcg's offline unpublished it (designs that reparent children, so
+        # the memcg it had is gone from ``memcg``); model bookkeeping for kmemleak's age
+        self.offline_at: float | None = None
 
 
 class MemcgSubsys:
@@ -155,6 +162,7 @@ class MemcgSubsys:
             self.memcgs.remove(m)
         self._k.event("memcg_offline", m)
         self.memcg_offline_kmem(m)
+        m.offline_at = time.monotonic()  # model bookkeeping, read racily by kmemleak
         self.css_put(m)  # the cgroup's base reference (percpu_ref_kill)
         return 0
 

@@ -117,6 +117,10 @@ class SlabCommon:
         self.slub = Slub(kernel)
         self.slab_mutex = kernel.mutex("slab_mutex")
         self.slab_caches: list[KmemCache] = []  # slab_mutex
+        # accounted roots with a kmem_cache_destroy() in progress: id -> calls (model
+        # bookkeeping for kmemleak: children a destroy is about to shut down are no leak)
+        self._destroying: dict[int, int] = {}
+        self._destroying_lock = kernel.raw_lock()
         kernel.hotplug.register_notifier(self.slab_cpu_callback)
 
     @contextmanager
@@ -212,9 +216,24 @@ class SlabCommon:
         ms = self._k.memcg_slab
         if ms is not None and s.flags & SLAB_ACCOUNT and s.memcg_params is not None and \
                 s.memcg_params.is_root_cache:
-            ms.kmem_cache_destroy(s)
+            key = id(s)  # s itself may be freed by the time we are done
+            with self._destroying_lock:
+                self._destroying[key] = self._destroying.get(key, 0) + 1
+            try:
+                ms.kmem_cache_destroy(s)
+            finally:
+                with self._destroying_lock:
+                    if self._destroying[key] == 1:
+                        del self._destroying[key]
+                    else:
+                        self._destroying[key] -= 1
             return
         self.destroy_plain(s)
+
+    def destroy_in_progress(self, root: KmemCache) -> bool:
+        """Is a kmem_cache_destroy() of accounted root ``root`` running?"""
+        with self._destroying_lock:
+            return id(root) in self._destroying
 
     def destroy_plain(self, s: KmemCache) -> None:
         """kmem_cache_destroy() with no memcg part: drop an alias; the last one shuts down."""

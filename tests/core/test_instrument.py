@@ -10,6 +10,7 @@ import pytest
 from loguru import logger
 
 from kmemcg import Instrument, Kernel, Task
+from kmemcg.core.instrument import Perturb
 
 
 class Recorder(Instrument):
@@ -342,3 +343,41 @@ def test_breakpoint_key_must_name_point_and_label(kernel) -> None:
 def test_breakpoints_installed_once(kernel) -> None:
     assert kernel.breakpoints is kernel.breakpoints
     assert kernel._instruments.count(kernel.breakpoints) == 1
+
+
+# ------------------------------------------------------------------ Perturb's focus phases
+WINDOWS = [f"w{i}" for i in range(400)]
+
+
+def test_focus_phases_pick_a_share_of_windows_that_changes_with_phase_and_seed() -> None:
+    p = Perturb(7, prob=0.0, longest=0.0, focus=0.25, phase=0.5)
+    t0 = p._t0
+    phase0 = {w for w in WINDOWS if p.focused(w, t0 + 0.1)}
+    assert phase0 == {w for w in WINDOWS if p.focused(w, t0 + 0.4)}  # one phase, one set
+    phase1 = {w for w in WINDOWS if p.focused(w, t0 + 0.6)}
+    assert 60 < len(phase0) < 140 and 60 < len(phase1) < 140  # about a quarter
+    assert phase0 != phase1
+    again = Perturb(7, prob=0.0, longest=0.0, focus=0.25, phase=0.5)
+    assert phase0 == {w for w in WINDOWS if again.focused(w, again._t0 + 0.1)}  # seeded
+    other = Perturb(8, prob=0.0, longest=0.0, focus=0.25, phase=0.5)
+    assert phase0 != {w for w in WINDOWS if other.focused(w, other._t0 + 0.1)}
+    off = Perturb(7, prob=0.0, longest=0.0)
+    assert not any(off.focused(w) for w in WINDOWS)
+
+
+def test_a_focused_window_sleeps_long_an_unfocused_one_short(kernel, monkeypatch) -> None:
+    from kmemcg.core import instrument
+    slept: list[tuple[str, float]] = []
+    label = ["?"]
+    monkeypatch.setattr(instrument.time, "sleep", lambda s: slept.append((label[0], s)))
+    p = Perturb(3, prob=1.0, longest=0.001, focus=0.5, focus_prob=1.0, tail_longest=0.5,
+                phase=3600)
+    kernel.add_instrument(p)
+    hot = [w for w in WINDOWS if p.focused(w)][:20]
+    cold = [w for w in WINDOWS if not p.focused(w)][:20]
+    for w in hot + cold:
+        label[0] = w
+        kernel.window(w)
+    assert [w for w, _ in slept] == hot + cold  # prob and focus_prob 1: a sleep each
+    assert all(s <= 0.001 for w, s in slept if w in cold)
+    assert max(s for w, s in slept if w in hot) > 0.01  # up to tail_longest
