@@ -166,6 +166,8 @@ class Config:
                         # that design's paths nest get_online_cpus(): the 2012 reader count
                         # allows it, a percpu rwsem with a writer queued would self-deadlock
                         hotplug = MEMCG_HOTPLUG.get(memcg, hotplug)
+        elif explicit_hotplug is None:
+            hotplug = MEMCG_HOTPLUG.get(memcg, hotplug)  # as above, for a design asked for
         return cls(preset, all_bugs, hotplug, memcg)
 
     def bug(self, name: str) -> bool:

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel design to model (default fixed; see --list-presets)")
     p.add_argument("--bug", action="append", default=[], metavar="NAME",
                    help="switch a catalog bug on, on top of the preset (repeatable; --list-bugs)")
+    p.add_argument("--memcg", default=None, metavar="DESIGN",
+                   help="memcg design, overriding the preset's (e.g. v3.13 with none of its bugs)")
+    p.add_argument("--hotplug", default=None, metavar="DESIGN",
+                   help="CPU hotplug lock design, overriding the preset's (2012, percpu_rwsem)")
     p.add_argument("--cpus", type=int, default=4, help="simulated CPUs (default 4)")
     p.add_argument("--workload", default="default",
                    help="role mix of the driver threads (default; see --list-workloads)")
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="role weights, overriding the workload's (e.g. allocator=3,hotplug=1)")
     p.add_argument("--perturb", choices=sorted(PERTURB), default="light",
                    help="delays at named race windows (default light)")
+    p.add_argument("--swarm", type=float, default=0.3, metavar="Q",
+                   help="share of roles idle in each 1 s phase (swarm testing; 0: all run)")
     p.add_argument("--hung-timeout", type=float, default=10.0,
                    help="seconds a task may block before it is reported hung (default 10)")
     p.add_argument("--no-lockdep", action="store_true", help="run without the lock validator")
@@ -82,6 +88,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if not args.duration > 0:
         raise UsageError(f"--duration must be a positive number of seconds, got {args.duration}")
+    if not 0 <= args.swarm < 1:
+        raise UsageError(f"--swarm must be at least 0 and below 1, got {args.swarm}")
     if args.hung_timeout <= 0:
         raise UsageError(f"--hung-timeout must be positive, got {args.hung_timeout}")
     if args.workload not in WORKLOADS:
@@ -90,9 +98,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if not 1 <= args.cpus <= 64:
         raise UsageError(f"--cpus must be between 1 and 64, got {args.cpus}")
     try:
-        args.config = Config.make(args.kernel, args.bug)
+        args.config = Config.make(args.kernel, args.bug, hotplug=args.hotplug,
+                                  memcg=args.memcg)
     except ConfigError as e:
-        raise UsageError(f"{'--kernel' if 'preset' in str(e) else '--bug'}: {e}") from None
+        msg = str(e)
+        flag = ("--kernel" if "preset" in msg else "--memcg" if "memcg design" in msg
+                else "--hotplug" if "hotplug design" in msg else "--bug")
+        raise UsageError(f"{flag}: {e}") from None
     args.mix_weights = dict(WORKLOADS[args.workload])
     if args.mix:
         args.mix_weights = parse_mix(args.mix)
@@ -134,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                hung_task_timeout=args.hung_timeout)
     if PERTURB[args.perturb]:
         k.add_instrument(Perturb(seed, **PERTURB[args.perturb]))
-    world = World(k, seed)
+    world = World(k, seed, args.swarm)
     stop = world.stop
     start_leak_scanner(world)
     roles = assign_roles(args.mix_weights, args.threads)

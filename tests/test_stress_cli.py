@@ -32,6 +32,9 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["--mix", "allocator=x"], "bad --mix weight 'x' for allocator"),
     (["--mix", "nobody=1"], "bad --mix entry 'nobody=1'"),
     (["--cpus", "0"], "--cpus must be between 1 and 64, got 0"),
+    (["--swarm", "1"], "--swarm must be at least 0 and below 1, got 1.0"),
+    (["--memcg", "v9"], "--memcg: unknown memcg design 'v9'"),
+    (["--hotplug", "x"], "--hotplug: unknown hotplug design 'x'"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(args, needle):
     r = run_cli(*args)

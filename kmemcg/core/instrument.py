@@ -207,8 +207,15 @@ class Perturb(Instrument):
     of (seed, phase, window name): no list of windows to keep, and nothing to know about the
     model.
 
+    The start of a work (``work_start``) and of an RCU callback (``rcu_callback``) are focused
+    the same way, by the work's or the callback's name: a kworker or a callback thread that
+    runs late, so whatever raced with the work or the callback gets a wide window too. They
+    get no unfocused delay: every work and callback of the model goes through them.
+
     The random streams are per task and derived from ``seed``, so a seed fixes every choice
     this makes (not the OS scheduler's, nor which phase an event falls in)."""
+
+    LATENCY_POINTS = frozenset({"work_start", "rcu_callback"})
 
     def __init__(self, seed: int, prob: float, longest: float, tail: float = 0.0,
                  tail_longest: float = 0.025, focus: float = 0.0, focus_prob: float = 0.5,
@@ -229,13 +236,23 @@ class Perturb(Instrument):
 
     def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
         if point != "window":
+            if point in self.LATENCY_POINTS and self.focused(f"{point}:{label}"):
+                self._sleep(task, self.focus_prob, self.tail_longest)
             return
+        if self.focused(label):
+            self._sleep(task, self.focus_prob, self.tail_longest)
+        elif self.prob:
+            rng = self._rng(task)
+            longest = self.tail_longest if rng.random() < self.tail else self.longest
+            self._sleep(task, self.prob, longest)
+
+    def _rng(self, task: Task) -> random.Random:
         rng = task.extra.get("perturb_rng")
         if rng is None:
             rng = task.extra["perturb_rng"] = random.Random(self.seed * 7919 + task.pid)
-        if self.focused(label):
-            if rng.random() < self.focus_prob:
-                time.sleep(rng.random() * self.tail_longest)
-        elif rng.random() < self.prob:
-            longest = self.tail_longest if rng.random() < self.tail else self.longest
+        return rng
+
+    def _sleep(self, task: Task, prob: float, longest: float) -> None:
+        rng = self._rng(task)
+        if rng.random() < prob:
             time.sleep(rng.random() * longest)

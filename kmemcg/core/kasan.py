@@ -201,6 +201,15 @@ class Kasan:
     def is_freed(obj: Any) -> bool:
         return bool(type(obj)._kasan_freed) if isinstance(obj, KasanObject) else False
 
+    @staticmethod
+    def free_recorded(obj: Any) -> bool:
+        """Freed, poisoned or not yet (``free(obj, poison=False)``: kept readable for a while
+        by a model that defers the poison)."""
+        if not isinstance(obj, KasanObject):
+            return False
+        info = object.__getattribute__(obj, "_kasan")
+        return bool(type(obj)._kasan_freed) or (info is not None and info.free_stack is not None)
+
     def _double_free(self, obj: Any, info: KasanInfo, task: Task) -> None:
         k = self._k
         cls_name = type(obj).__mro__[1].__name__ if type(obj)._kasan_freed else \

@@ -411,6 +411,11 @@ class MemcgSlabV313(MemcgSlab):
         cfg = k.config
         bug9 = cfg.bug("get_cache_without_reference")
         bug7 = cfg.bug("memcg_create_without_slab_mutex_recheck")
+        if k.kasan.free_recorded(c):
+            # destroyed already (bug 14: the root destroy and the child's own destroy work):
+            # 3.13 freed it then; the model defers the poison a grace period for lock-free
+            # lookups only, so poison it now: the access below is the kernel's use after free
+            k.kasan.poison(c)
         p = c.memcg_params
         with p.lock:  # no lookup pins it, no page came since the caller looked
             if (p.users or p.nr_pages) and not force:
@@ -442,13 +447,21 @@ class MemcgSlabV313(MemcgSlab):
             if bug9:
                 self._free_cache(c)
             else:
-                k.rcu.call(self._free_cache, c)  # lookups may hold c from the slot
+                # freed now, poisoned a grace period later: lookups may hold c from the slot
+                p = c.memcg_params
+                k.kasan.free(p, poison=False)
+                k.kasan.free(c, poison=False)
+                k.rcu.call(self._poison_cache, c, p)
         return True
 
     def _free_cache(self, c: KmemCache) -> None:
         k = self._k
         k.kasan.free(c.memcg_params)
         k.kasan.free(c)
+
+    def _poison_cache(self, c: KmemCache, p: ChildParamsV313) -> None:
+        self._k.kasan.poison(p)
+        self._k.kasan.poison(c)
 
     def memcg_unregister_cache(self, c: KmemCache) -> None:
         """Caller holds slab_mutex: clear c's slot, VM_BUG_ON(slot != c) as a model check."""

@@ -223,3 +223,12 @@ def test_a_switch_brings_the_memcg_design_its_code_lives_in():
     for b in CATALOG:
         c = Config.make("fixed", [b.name])
         assert not b.requires_memcg or c.memcg in b.requires_memcg, b.name
+
+
+def test_a_memcg_design_asked_for_brings_the_hotplug_design_its_paths_need() -> None:
+    """The 3.13 / 3.16 destroy paths nest get_online_cpus(): asked for by name (stress
+    --memcg), they get the 2012 hotplug lock unless a hotplug design is named too."""
+    c = Config.make("fixed", memcg="v3.13")
+    assert (c.memcg, c.hotplug, c.bugs) == ("v3.13", "2012", frozenset())
+    assert Config.make("fixed", memcg="v3.13", hotplug="percpu_rwsem").hotplug == "percpu_rwsem"
+    assert Config.make("fixed", memcg="v5.3").hotplug == Config.make("fixed").hotplug

@@ -14,7 +14,7 @@ from kmemcg.core import findings as F
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.memcg_v313 import MemcgSlabV313
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import in_memcg, settle, wait_until
+from kmemcg.testing import hold_grace_period, in_memcg, settle, wait_until
 
 V313_BUGS = PRESETS["v3.13"].bugs
 
@@ -389,9 +389,10 @@ def test_bug15_fixed_children_only_for_the_last_alias():
 
 
 # ---------------------------------------------------------------------------------- bug 14
-def root_destroy_against_running_destroy_work(k: Kernel):
+def root_destroy_against_running_destroy_work(k: Kernel, in_grace_period: bool = False):
     """W (destroy work queued at offline) parks after reading nr_pages == 0; D (root destroy)
-    loads the child; W destroys it; D goes on with the freed child."""
+    loads the child; W destroys it; D goes on with the freed child (``in_grace_period``: an
+    RCU reader holds the grace period meanwhile, so a free deferred by RCU has not come)."""
     sl, mc = k.slab, k.memcg
     s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
     m = in_memcg(k)
@@ -416,11 +417,16 @@ def root_destroy_against_running_destroy_work(k: Kernel):
         bp_d.wait()
     else:  # D waits for memcg_cache_mutex, held by W
         assert wait_until(lambda: d.task is not None and d.task.blocked_on is not None)
+    if in_grace_period:
+        out, _reader = hold_grace_period(k)
     bp_w.release()
     if bug14:
-        assert wait_until(lambda: Kasan.is_freed(c))
+        assert wait_until(lambda: k.kasan.free_recorded(c))
     bp_d.release()
     d.join(5)
+    if in_grace_period:
+        assert not Kasan.is_freed(c) or k.findings.snapshot()  # poisoned by D's report only
+        out.set()
     settle(k)
     return s, c
 
@@ -432,6 +438,19 @@ def test_bug14_root_destroy_destroys_the_child_the_work_freed():
         assert f.kind == F.KASAN_UAF
         assert f.kind in BY_NAME["cancel_work_sync_self_freeing_work"].detector
         assert f.title == "BUG: KASAN: use-after-free in kmem_cache_destroy_memcg_children"
+
+
+def test_bug14_alone_the_second_destroy_is_a_use_after_free_within_the_grace_period():
+    """Bug 9 off: the model frees a destroyed child a grace period late (lookups may hold
+    it). 3.13 freed it at once, so D's destroy of the child W destroyed is still the kernel's
+    use after free, reported where D touches it, whether the grace period ended or not."""
+    with Kernel(config=Config.make("fixed", bugs=["cancel_work_sync_self_freeing_work"])) as k:
+        assert k.config.memcg == "v3.13" and not k.config.bug("get_cache_without_reference")
+        root_destroy_against_running_destroy_work(k, in_grace_period=True)
+        (f,) = k.findings
+        assert f.kind == F.KASAN_UAF
+        assert f.title == "BUG: KASAN: use-after-free in kmem_cache_destroy_memcg"
+        assert "Freed by task" in f.text and "kmem_cache_destroy_work_func" in f.text
 
 
 def test_bug14_fixed_slot_loaded_under_memcg_cache_mutex():
