@@ -31,11 +31,11 @@ CLEANUP_TIMEOUT = 3.0  # seconds for the end-of-run cleanup and leak check
 # Delays at the named race windows (kmemcg.core.instrument.Perturb): the probability of a
 # delay, its longest sleep (s), the share of long ones (up to 25 ms: a grace period and a
 # work fit in), and the share of windows each half-second phase focuses (delayed half of the
-# time, up to 25 ms, for the whole phase).
+# time, up to 50 ms, for the whole phase: a grace period and a work under 64 threads' load).
 PERTURB: dict[str, dict[str, float]] = {
     "off": {},
-    "light": {"prob": 0.2, "longest": 0.001, "tail": 0.01, "focus": 0.25},
-    "heavy": {"prob": 0.5, "longest": 0.004, "tail": 0.03, "focus": 0.4},
+    "light": {"prob": 0.2, "longest": 0.001, "tail": 0.01, "focus": 0.25, "focus_longest": 0.05},
+    "heavy": {"prob": 0.5, "longest": 0.004, "tail": 0.03, "focus": 0.4, "focus_longest": 0.05},
 }
 
 
@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="role weights, overriding the workload's (e.g. allocator=3,hotplug=1)")
     p.add_argument("--perturb", choices=sorted(PERTURB), default="light",
                    help="delays at named race windows (default light)")
-    p.add_argument("--swarm", type=float, default=0.3, metavar="Q",
-                   help="share of roles idle in each 1 s phase (swarm testing; 0: all run)")
+    p.add_argument("--swarm", type=float, default=0.0, metavar="Q",
+                   help="share of roles idle in each 1 s phase (swarm testing; default 0: all run)")
     p.add_argument("--hung-timeout", type=float, default=10.0,
                    help="seconds a task may block before it is reported hung (default 10)")
     p.add_argument("--no-lockdep", action="store_true", help="run without the lock validator")

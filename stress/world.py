@@ -52,8 +52,9 @@ RESERVE = 2  # objects kept per (memcg, cache) for the memcg's offline (World.ch
 FLUSH_PROB = 0.5  # of retiring a memcg with kept objects after a CPU offline/online cycle
 DRAIN_DELAY = 0.002  # seconds after an offline its kept objects are freed, at most
 KEYS = 12  # few keys per table: readers often race the writer deleting theirs
-LONG_LIVED = 0.25  # of the caches created: kept LONG_LIFE seconds, as a module's caches are
+LONG_LIVED = 0.25  # of accounted and TYPESAFE caches: kept LONG_LIFE s, as a module's caches are
 LONG_LIFE = (1.0, 4.0)
+LONG_LIVED_ACCOUNT_SIZE = ACCOUNT_SIZES[-1]  # the accounted caches that may live long
 
 
 @dataclass
@@ -347,9 +348,13 @@ def op_root_churn(w: World, rng: random.Random, ops: Counter) -> None:
         s = sl.kmem_cache_create(rng.choice(NAMES), size, 0, flags)
         ops["cache_create"] += 1
         e = Entry(s, typesafe)
-        if rng.random() < LONG_LIVED:
-            # most caches live tens of milliseconds here; a few live seconds, so the state a
-            # destroy of one alias leaves in a merged cache lasts (catalog bug 17's dying root)
+        if (typesafe or size == LONG_LIVED_ACCOUNT_SIZE) and rng.random() < LONG_LIVED:
+            # most caches live tens of milliseconds here; a few live seconds: the state a
+            # destroy of one alias leaves in a merged accounted cache lasts (catalog bug 17's
+            # dying root), and TYPESAFE readers and writers churn one cache's slab pages long
+            # enough (bug 3). Not the plain ones, nor accounted ones of the other size: new
+            # caches would merge into them instead of racing the destroy of their last alias
+            # (bugs 5 and 12)
             e.keep_until = time.monotonic() + rng.uniform(*LONG_LIFE)
         if typesafe:
             e.table = TypesafeTable(k, f"table_{s.name}")

@@ -200,12 +200,12 @@ class Perturb(Instrument):
     *Focus phases* (swarm testing over the windows, after Groce et al.'s swarm testing and
     PCT's few change points): time is cut into ``phase``-second phases, and in each phase every
     window is *focused* with probability ``focus``; at a focused window the task sleeps with
-    probability ``focus_prob`` up to ``tail_longest``. A bug whose other side needs a grace
-    period and a work inside one window gets long windows for a whole phase, many times in a
-    row, instead of one long sleep in a hundred; the other windows keep their short sleeps, so
-    the rest of the model is not slowed down with it. Which windows a phase focuses is a hash
-    of (seed, phase, window name): no list of windows to keep, and nothing to know about the
-    model.
+    probability ``focus_prob`` up to ``focus_longest`` (default ``tail_longest``). A bug whose
+    other side needs a grace period and a work inside one window gets long windows for a whole
+    phase, many times in a row, instead of one long sleep in a hundred; the other windows keep
+    their short sleeps, so the rest of the model is not slowed down with it. Which windows a
+    phase focuses is a hash of (seed, phase, window name): no list of windows to keep, and
+    nothing to know about the model.
 
     The start of a work (``work_start``) and of an RCU callback (``rcu_callback``) are focused
     the same way, by the work's or the callback's name: a kworker or a callback thread that
@@ -219,10 +219,11 @@ class Perturb(Instrument):
 
     def __init__(self, seed: int, prob: float, longest: float, tail: float = 0.0,
                  tail_longest: float = 0.025, focus: float = 0.0, focus_prob: float = 0.5,
-                 phase: float = 0.5) -> None:
+                 phase: float = 0.5, focus_longest: float | None = None) -> None:
         self.seed, self.prob, self.longest = seed, prob, longest
         self.tail, self.tail_longest = tail, tail_longest
         self.focus, self.focus_prob, self.phase = focus, focus_prob, phase
+        self.focus_longest = tail_longest if focus_longest is None else focus_longest
         self._focus_cut = int(focus * 0xFFFFFFFF)
         self._t0 = time.monotonic()
 
@@ -237,10 +238,10 @@ class Perturb(Instrument):
     def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
         if point != "window":
             if point in self.LATENCY_POINTS and self.focused(f"{point}:{label}"):
-                self._sleep(task, self.focus_prob, self.tail_longest)
+                self._sleep(task, self.focus_prob, self.focus_longest)
             return
         if self.focused(label):
-            self._sleep(task, self.focus_prob, self.tail_longest)
+            self._sleep(task, self.focus_prob, self.focus_longest)
         elif self.prob:
             rng = self._rng(task)
             longest = self.tail_longest if rng.random() < self.tail else self.longest
