@@ -132,23 +132,44 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
+def shutdown(k: Kernel, timeout: float) -> list[str]:
+    """k.shutdown() on a helper thread: whatever a teardown meets, the caller goes on to write
+    the report within ``timeout`` + 2 s. Returns the threads still alive."""
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.extend(k.shutdown(timeout=timeout)),
+                         name="stress-shutdown", daemon=True)
+    t.start()
+    t.join(timeout + 2.0)
+    if t.is_alive():
+        out.append("stress-shutdown (kernel teardown did not finish)")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from loguru import logger
     logger.remove()
     logger.add(sys.stderr, level=args.log_level)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    k = None
+    try:  # set-up: a Ctrl-C here tears down what exists (nothing ran: no report)
+        k = Kernel(name="stress", config=args.config, lockdep=not args.no_lockdep,
+                   kasan=not args.no_kasan, lock_stat=args.lock_stat, cpus=args.cpus,
+                   hung_task_timeout=args.hung_timeout)
+        perturb = Perturb(seed, **PERTURB[args.perturb]) if PERTURB[args.perturb] else None
+        if perturb is not None:
+            k.add_instrument(perturb)
+        world = World(k, seed, args.swarm)
+        stop = world.stop
+        start_leak_scanner(world)
+    except KeyboardInterrupt:
+        if k is not None:
+            shutdown(k, 1.0)
+        raise
+    # printed once the run is set up: from here on a Ctrl-C writes a partial report
     print(f"stress: seed {seed} (replay the same driver choices with --seed {seed})",
           file=sys.stderr)
     old_switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-4)  # open the GIL's race windows: switch often under stress
-    k = Kernel(name="stress", config=args.config, lockdep=not args.no_lockdep,
-               kasan=not args.no_kasan, lock_stat=args.lock_stat, cpus=args.cpus,
-               hung_task_timeout=args.hung_timeout)
-    if PERTURB[args.perturb]:
-        k.add_instrument(Perturb(seed, **PERTURB[args.perturb]))
-    world = World(k, seed, args.swarm)
-    stop = world.stop
-    start_leak_scanner(world)
     roles = assign_roles(args.mix_weights, args.threads)
     counters = [Counter() for _ in range(args.threads)]  # one per driver: no shared counter
     first_finding = threading.Event()
@@ -188,11 +209,13 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
         elapsed = time.monotonic() - t0
         if code == EXIT_OK:  # not after Ctrl-C or a crash: write what we have at once
+            if perturb is not None:
+                k.remove_instrument(perturb)  # the cleanup races nothing: no delays
             try:
                 leak_check = cleanup(world, drivers, CLEANUP_TIMEOUT)
             except KeyboardInterrupt:
                 code = EXIT_INTERRUPTED
-        stuck = k.shutdown(timeout=min(2.0, args.hung_timeout))
+        stuck = shutdown(k, min(2.0, args.hung_timeout))
         sys.setswitchinterval(old_switch)
         if show:
             sys.stderr.write("\n")
