@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from kmemcg.core.kasan import KasanOops
+from kmemcg.mm.slub import SLAB_ACCOUNT
 
 if TYPE_CHECKING:
     from kmemcg.core.task import KThread, Task
@@ -90,6 +91,19 @@ def in_memcg(k: Kernel, name: str = "m") -> Any:
     mc.memcg_activate_kmem(m)
     mc.attach(k.current(), m)
     return m
+
+
+def relocation_ahead(k: Kernel, name: str = "dentry") -> tuple[Any, Any]:
+    """An accounted root cache ``name`` and a kmem-active memcg "m", with kmem-active memcgs
+    "o0".."o2" beside it: every kmemcg_id below the arrays' initial size is taken, so the next
+    activation relocates the root caches' memcg_caches arrays. Returns (root, m)."""
+    sl, mc = k.slab, k.memcg
+    s = sl.kmem_cache_create(name, 192, flags=SLAB_ACCOUNT)
+    m = mc.create("m")
+    mc.memcg_activate_kmem(m)
+    for i in range(3):
+        mc.memcg_activate_kmem(mc.create(f"o{i}"))
+    return s, m
 
 
 class OwnedCaches:

@@ -186,9 +186,7 @@ class MemcgSlab:
             arr = rp.memcg_caches.protected(sl.slab_mutex)
             if arr.entries[idx] is not None:
                 return None  # several creators race; one won (2edefe1155b3)
-            c = KmemCache(k, f"{root.name}({memcg.serial}:{memcg.name})",
-                          root.object_size, root.size, root.align, root.flags, root.ctor)
-            k.kasan.alloc(c, "kmem_cache", "the kmem_cache cache")
+            c = self.alloc_child_cache(root, memcg, memcg.serial)
             c.memcg_params = self.init_child_params(c, memcg, root)
             rp.children.append(c)
             memcg.kmem_caches.append(c)
@@ -199,6 +197,15 @@ class MemcgSlab:
             self.nr_created += 1
             k.event("memcg_cache_create", c)
             return c
+
+    def alloc_child_cache(self, root: KmemCache, memcg: MemCgroup, tag: int) -> KmemCache:
+        """The kmem_cache of a new child of ``root`` for ``memcg``, named "root(tag:memcg)"
+        as memcg_create_cache_name() does, allocated (for KASAN) from the kmem_cache cache."""
+        k = self._k
+        c = KmemCache(k, f"{root.name}({tag}:{memcg.name})", root.object_size, root.size,
+                      root.align, root.flags, root.ctor)
+        k.kasan.alloc(c, "kmem_cache", "the kmem_cache cache")
+        return c
 
     def init_child_params(self, c: KmemCache, memcg: MemCgroup,
                           root: KmemCache) -> MemcgCacheParams:

@@ -326,9 +326,7 @@ class MemcgSlabV313(MemcgSlab):
                 if arr.entries[idx] is not None:
                     return None
                 k.window("memcg_create_kmem_cache:checked")
-            c = KmemCache(k, f"{root.name}({memcg.serial}:{memcg.name})",
-                          root.object_size, root.size, root.align, root.flags, root.ctor)
-            k.kasan.alloc(c, "kmem_cache", "the kmem_cache cache")
+            c = self.alloc_child_cache(root, memcg, memcg.serial)
             cp = ChildParamsV313(k)
             k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
             cp.memcg, cp.root_cache = memcg, root

@@ -244,9 +244,7 @@ class MemcgSlabV316(MemcgSlab):
             rp = root.memcg_params
             if rp.dying:
                 return None  # (model) the root is being destroyed: see the module docstring
-            c = KmemCache(k, f"{root.name}({memcg.kmemcg_id}:{memcg.name})",
-                          root.object_size, root.size, root.align, root.flags, root.ctor)
-            k.kasan.alloc(c, "kmem_cache", "the kmem_cache cache")
+            c = self.alloc_child_cache(root, memcg, memcg.kmemcg_id)
             cp = MemcgCacheParamsV316(k)
             k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
             cp.memcg, cp.root_cache = memcg, root

@@ -14,7 +14,7 @@ from kmemcg.core import findings as F
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.memcg_v313 import MemcgSlabV313
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import hold_grace_period, in_memcg, settle, wait_until
+from kmemcg.testing import hold_grace_period, in_memcg, relocation_ahead, settle, wait_until
 
 V313_BUGS = PRESETS["v3.13"].bugs
 
@@ -314,11 +314,7 @@ def test_bug6_off_offline_only_queues_the_work():
 # ---------------------------------------------------------------------------------- bug 13
 def reader_during_relocation(k: Kernel):
     sl, mc = k.slab, k.memcg
-    s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-    m = mc.create("m")
-    mc.memcg_activate_kmem(m)
-    for i in range(3):
-        mc.memcg_activate_kmem(mc.create(f"o{i}"))
+    s, m = relocation_ahead(k)
     bp = k.breakpoints.add("window:cache_from_memcg_idx:array", thread="reader")
     out: list = []
 

@@ -23,6 +23,7 @@ from kmemcg.core.instrument import Perturb
 from kmemcg.core.kasan import KasanOops
 from kmemcg.core.task import KernelTornDown
 from kmemcg.mm.slub import SLAB_ACCOUNT
+from kmemcg.testing import relocation_ahead
 
 
 def config(bugs: tuple[str, ...]) -> Config:
@@ -197,11 +198,7 @@ def test_churn(bug: str | None, limit: float) -> None:
 # delays.
 def round_creators_vs_relocation(k: Kernel, rng: random.Random) -> None:
     sl, mc = k.slab, k.memcg
-    s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-    m = mc.create("m")
-    mc.memcg_activate_kmem(m)
-    for i in range(3):
-        mc.memcg_activate_kmem(mc.create(f"o{i}"))
+    s, m = relocation_ahead(k)
     delays = [rng.random() * 0.004 for _ in range(4)]
 
     def alloc(d: float) -> None:
@@ -343,11 +340,7 @@ def round_lookup_vs_offline(k: Kernel, rng: random.Random) -> None:
 
 def round_lookups_vs_relocation(k: Kernel, rng: random.Random) -> None:
     sl, mc = k.slab, k.memcg
-    s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-    m = mc.create("m")
-    mc.memcg_activate_kmem(m)
-    for i in range(3):
-        mc.memcg_activate_kmem(mc.create(f"o{i}"))
+    s, m = relocation_ahead(k)
     stop = threading.Event()
 
     def reader() -> None:
