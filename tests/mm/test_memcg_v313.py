@@ -200,9 +200,10 @@ def test_bug9_fixed_the_lookup_pins_the_child():
 
 
 # ---------------------------------------------------------------------------------- bug 8
-def last_page_freed_during_offline(k: Kernel):
-    """F frees a dead-to-be child's last object (nr_pages -> 0) and parks after the sub; M
-    goes offline, its destroy work sees 0 and destroys C; F goes on."""
+def last_page_freed_during_offline(k: Kernel, window: str = "memcg_release_pages:after_sub"):
+    """F frees a dead-to-be child's last object (nr_pages -> 0) and parks at ``window`` (after
+    the sub; bug 10: after the uncharge); M goes offline, its destroy work sees 0 and destroys
+    C; F goes on."""
     sl, mc = k.slab, k.memcg
     s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
     m = in_memcg(k)
@@ -211,7 +212,7 @@ def last_page_freed_during_offline(k: Kernel):
     assert obj.cache is c
     mc.attach(k.current(), mc.root)
     sl.kmem_cache_shrink(c)  # the slab is off the cpu: the free below discards it
-    bp = k.breakpoints.add("window:memcg_release_pages:after_sub", thread="freer")
+    bp = k.breakpoints.add(f"window:{window}", thread="freer")
 
     def freer() -> None:
         try:
@@ -249,28 +250,7 @@ def test_bug8_fixed_the_freer_never_schedules():
 # ---------------------------------------------------------------------------------- bug 10
 def test_bug10_free_path_touches_the_destroyed_child():
     with Kernel(config=v313(without=("destroy_work_scheduled_twice",))) as k:
-        sl, mc = k.slab, k.memcg
-        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-        m = in_memcg(k)
-        c = make_child(k, s, m)
-        obj2 = sl.kmem_cache_alloc(s)
-        assert obj2.cache is c
-        mc.attach(k.current(), mc.root)
-        sl.kmem_cache_shrink(c)
-        bp = k.breakpoints.add("window:memcg_uncharge_slab:after_put", thread="freer")
-
-        def freer() -> None:
-            try:
-                sl.kmem_cache_free(s, obj2)
-            except KasanOops:
-                pass
-
-        t = k.kthread_run(freer, name="freer")
-        bp.wait()
-        assert mc.offline(m) == 0
-        assert wait_until(lambda: Kasan.is_freed(c))
-        bp.release()
-        t.join(5)
+        last_page_freed_during_offline(k, "memcg_uncharge_slab:after_put")
         (f,) = k.findings
         assert f.kind == F.KASAN_UAF
         assert f.kind in BY_NAME["free_path_touches_cache_after_uncharge"].detector

@@ -23,7 +23,7 @@ from kmemcg.core.instrument import Perturb
 from kmemcg.core.kasan import KasanOops
 from kmemcg.core.task import KernelTornDown
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import relocation_ahead
+from kmemcg.testing import relocation_ahead, settle
 
 
 def config(bugs: tuple[str, ...]) -> Config:
@@ -216,9 +216,7 @@ def round_creators_vs_relocation(k: Kernel, rng: random.Random) -> None:
     ts.append(k.kthread_run(activate, delays[3], name="activate"))
     for t in ts:
         t.join(10)
-    for _ in range(3):
-        k.rcu.barrier()
-        k.system_wq.flush()
+    settle(k)  # RCU callbacks and works, until nothing is in flight
     sl.kmem_cache_destroy(s)
 
 
@@ -252,9 +250,7 @@ def round_offline_vs_root_destroy(k: Kernel, rng: random.Random) -> None:
     ts = [k.kthread_run(offline, name="rmdir"), k.kthread_run(destroy, name="destroyer")]
     for t in ts:
         t.join(10)
-    for _ in range(3):
-        k.rcu.barrier()
-        k.system_wq.flush()
+    settle(k)  # RCU callbacks and works, until nothing is in flight
 
 
 def round_last_free_vs_offline(k: Kernel, rng: random.Random) -> None:
@@ -286,9 +282,7 @@ def round_last_free_vs_offline(k: Kernel, rng: random.Random) -> None:
     ts = [k.kthread_run(freer, name="freer"), k.kthread_run(offline, name="rmdir")]
     for t in ts:
         t.join(10)
-    for _ in range(3):
-        k.rcu.barrier()
-        k.system_wq.flush()
+    settle(k)  # RCU callbacks and works, until nothing is in flight
     sl.kmem_cache_destroy(s)
 
 
@@ -332,9 +326,7 @@ def round_lookup_vs_offline(k: Kernel, rng: random.Random) -> None:
         x.join(10)
     for o in held:
         sl.kmem_cache_free(s, o)
-    for _ in range(3):
-        k.rcu.barrier()
-        k.system_wq.flush()
+    settle(k)  # RCU callbacks and works, until nothing is in flight
     sl.kmem_cache_destroy(s)
 
 
@@ -358,9 +350,7 @@ def round_lookups_vs_relocation(k: Kernel, rng: random.Random) -> None:
     stop.set()
     for t in ts:
         t.join(10)
-    for _ in range(3):
-        k.rcu.barrier()
-        k.system_wq.flush()
+    settle(k)  # RCU callbacks and works, until nothing is in flight
     sl.kmem_cache_destroy(s)
 
 
