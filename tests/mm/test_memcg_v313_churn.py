@@ -23,7 +23,7 @@ from kmemcg.core.instrument import Perturb
 from kmemcg.core.kasan import KasanOops
 from kmemcg.core.task import KernelTornDown
 from kmemcg.mm.slub import SLAB_ACCOUNT
-from kmemcg.testing import relocation_ahead, settle
+from kmemcg.testing import in_memcg, relocation_ahead, settle
 
 
 def config(bugs: tuple[str, ...]) -> Config:
@@ -189,6 +189,14 @@ def test_churn(bug: str | None, limit: float) -> None:
         sys.setswitchinterval(old)
 
 
+def finish_round(k: Kernel, threads: list, root) -> None:
+    """The end of a round: join its threads, drain RCU callbacks and works, destroy the root."""
+    for t in threads:
+        t.join(10)
+    settle(k)
+    k.slab.kmem_cache_destroy(root)
+
+
 # Six bugs need their operations to meet more often than the churn makes them (the ids
 # outgrow the arrays only a few times in a kernel's life): two creators of one slot during a
 # relocation (7), a lookup during a relocation (13), the last page of a child freed during
@@ -214,18 +222,13 @@ def round_creators_vs_relocation(k: Kernel, rng: random.Random) -> None:
 
     ts = [k.kthread_run(alloc, d, name=f"alloc{i}") for i, d in enumerate(delays[:3])]
     ts.append(k.kthread_run(activate, delays[3], name="activate"))
-    for t in ts:
-        t.join(10)
-    settle(k)  # RCU callbacks and works, until nothing is in flight
-    sl.kmem_cache_destroy(s)
+    finish_round(k, ts, s)
 
 
 def round_offline_vs_root_destroy(k: Kernel, rng: random.Random) -> None:
     sl, mc = k.slab, k.memcg
     s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-    m = mc.create("m")
-    mc.memcg_activate_kmem(m)
-    mc.attach(k.current(), m)
+    m = in_memcg(k)
     sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))
     k.system_wq.flush()
     c = mc.cache_from_memcg_idx(s, m.kmemcg_id)
@@ -256,9 +259,7 @@ def round_offline_vs_root_destroy(k: Kernel, rng: random.Random) -> None:
 def round_last_free_vs_offline(k: Kernel, rng: random.Random) -> None:
     sl, mc = k.slab, k.memcg
     s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-    m = mc.create("m")
-    mc.memcg_activate_kmem(m)
-    mc.attach(k.current(), m)
+    m = in_memcg(k)
     sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))
     k.system_wq.flush()
     obj = sl.kmem_cache_alloc(s)
@@ -280,18 +281,13 @@ def round_last_free_vs_offline(k: Kernel, rng: random.Random) -> None:
         mc.offline(m)
 
     ts = [k.kthread_run(freer, name="freer"), k.kthread_run(offline, name="rmdir")]
-    for t in ts:
-        t.join(10)
-    settle(k)  # RCU callbacks and works, until nothing is in flight
-    sl.kmem_cache_destroy(s)
+    finish_round(k, ts, s)
 
 
 def round_lookup_vs_offline(k: Kernel, rng: random.Random) -> None:
     sl, mc = k.slab, k.memcg
     s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-    m = mc.create("m")
-    mc.memcg_activate_kmem(m)
-    mc.attach(k.current(), m)
+    m = in_memcg(k)
     sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))
     k.system_wq.flush()
     obj = sl.kmem_cache_alloc(s)
@@ -348,10 +344,7 @@ def round_lookups_vs_relocation(k: Kernel, rng: random.Random) -> None:
     time.sleep(rng.random() * 0.003)
     mc.memcg_activate_kmem(mc.create("big"))
     stop.set()
-    for t in ts:
-        t.join(10)
-    settle(k)  # RCU callbacks and works, until nothing is in flight
-    sl.kmem_cache_destroy(s)
+    finish_round(k, ts, s)
 
 
 @pytest.mark.parametrize("bug, scenario, limit", [
