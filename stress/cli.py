@@ -31,11 +31,15 @@ CLEANUP_TIMEOUT = 3.0  # seconds for the end-of-run cleanup and leak check
 # Delays at the named race windows (kmemcg.core.instrument.Perturb): the probability of a
 # delay, its longest sleep (s), the share of long ones (up to 25 ms: a grace period and a
 # work fit in), and the share of windows each half-second phase focuses (delayed half of the
-# time, up to 50 ms, for the whole phase: a grace period and a work under 64 threads' load).
+# time, up to 50 ms, for the whole phase: a grace period and a work under 64 threads' load);
+# a window hit no more than 8 times plus 0.05 % of all window hits so far is rare: it sleeps
+# up to 10 ms and every window is focused for 30 ms after it (an array relocation's readers).
 PERTURB: dict[str, dict[str, float]] = {
     "off": {},
-    "light": {"prob": 0.2, "longest": 0.001, "tail": 0.01, "focus": 0.25, "focus_longest": 0.05},
-    "heavy": {"prob": 0.5, "longest": 0.004, "tail": 0.03, "focus": 0.4, "focus_longest": 0.05},
+    "light": {"prob": 0.2, "longest": 0.001, "tail": 0.01, "focus": 0.25, "focus_longest": 0.05,
+              "rare": 0.0005},
+    "heavy": {"prob": 0.5, "longest": 0.004, "tail": 0.03, "focus": 0.4, "focus_longest": 0.05,
+              "rare": 0.0005},
 }
 
 

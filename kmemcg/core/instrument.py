@@ -212,6 +212,15 @@ class Perturb(Instrument):
     runs late, so whatever raced with the work or the callback gets a wide window too. They
     get no unfocused delay: every work and callback of the model goes through them.
 
+    *Rare windows* (``rare`` > 0): a window hit no more than ``rare_first`` times plus
+    ``rare`` of all window hits so far marks a rare state change (an array relocation, the
+    first destroys of a run), and the races around a rare change are the ones a random
+    schedule keeps missing: a few chances per run, each a few microseconds wide. At a rare
+    window the task sleeps up to ``rare_longest``, and every window reached in the next
+    ``storm`` seconds is treated as focused, so tasks half-way through the state the change
+    is about to replace (a reader holding the old array) stay there while it goes on. Like
+    focus, this is nothing but hit counts: no list of windows, nothing known about a bug.
+
     The random streams are per task and derived from ``seed``, so a seed fixes every choice
     this makes (not the OS scheduler's, nor which phase an event falls in)."""
 
@@ -219,13 +228,20 @@ class Perturb(Instrument):
 
     def __init__(self, seed: int, prob: float, longest: float, tail: float = 0.0,
                  tail_longest: float = 0.025, focus: float = 0.0, focus_prob: float = 0.5,
-                 phase: float = 0.5, focus_longest: float | None = None) -> None:
+                 phase: float = 0.5, focus_longest: float | None = None, rare: float = 0.0,
+                 rare_first: int = 8, rare_longest: float = 0.01, storm: float = 0.03) -> None:
         self.seed, self.prob, self.longest = seed, prob, longest
         self.tail, self.tail_longest = tail, tail_longest
         self.focus, self.focus_prob, self.phase = focus, focus_prob, phase
         self.focus_longest = tail_longest if focus_longest is None else focus_longest
         self._focus_cut = int(focus * 0xFFFFFFFF)
         self._t0 = time.monotonic()
+        self.rare, self.rare_first = rare, rare_first
+        self.rare_longest, self.storm = rare_longest, storm
+        self._hits_lock = threading.Lock()  # guards _hits, _total and writes of _storm_until
+        self._hits: dict[str, int] = {}
+        self._total = 0
+        self._storm_until = 0.0  # read unlocked: a float attribute load sees old or new
 
     def focused(self, label: str, now: float | None = None) -> bool:
         """Is window ``label`` focused in the phase ``now`` (monotonic) falls in?"""
@@ -240,12 +256,25 @@ class Perturb(Instrument):
             if point in self.LATENCY_POINTS and self.focused(f"{point}:{label}"):
                 self._sleep(task, self.focus_prob, self.focus_longest)
             return
-        if self.focused(label):
+        now = time.monotonic()
+        if self.rare and self._rare_hit(label, now):
+            self._sleep(task, 1.0, self.rare_longest)
+        elif now < self._storm_until or self.focused(label, now):
             self._sleep(task, self.focus_prob, self.focus_longest)
         elif self.prob:
             rng = self._rng(task)
             longest = self.tail_longest if rng.random() < self.tail else self.longest
             self._sleep(task, self.prob, longest)
+
+    def _rare_hit(self, label: str, now: float) -> bool:
+        """Count this hit; if ``label`` is rare, start (or extend) a storm and say so."""
+        with self._hits_lock:
+            n = self._hits[label] = self._hits.get(label, 0) + 1
+            self._total += 1
+            if n > self.rare_first + self.rare * self._total:
+                return False
+            self._storm_until = max(self._storm_until, now + self.storm)
+            return True
 
     def _rng(self, task: Task) -> random.Random:
         rng = task.extra.get("perturb_rng")

@@ -198,6 +198,8 @@ class MemcgSlabV313(MemcgSlab):
         """memcg_update_all_caches(): caller holds activate_kmem_mutex (set_limit_mutex)."""
         k = self._k
         sl = k.slab
+        # mutex_lock() may sleep: lock-free readers go on with the arrays about to go
+        self._k.window("memcg_update_all_caches:begin")
         with sl.slab_mutex:
             for s in sl.slab_caches:
                 p = s.memcg_params

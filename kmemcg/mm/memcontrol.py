@@ -289,6 +289,8 @@ class MemcgSubsys:
     def memcg_update_all_caches(self, num: int) -> None:
         """Grow every root cache's memcg_caches array to ``num`` entries (slab_mutex)."""
         sl = self._k.slab
+        # mutex_lock() may sleep: lock-free readers go on with the arrays about to go
+        self._k.window("memcg_update_all_caches:begin")
         with sl.slab_mutex:
             for s in sl.slab_caches:
                 p = s.memcg_params

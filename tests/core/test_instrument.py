@@ -381,3 +381,55 @@ def test_a_focused_window_sleeps_long_an_unfocused_one_short(kernel, monkeypatch
     assert [w for w, _ in slept] == hot + cold  # prob and focus_prob 1: a sleep each
     assert all(s <= 0.001 for w, s in slept if w in cold)
     assert max(s for w, s in slept if w in hot) > 0.01  # up to tail_longest
+
+
+# ------------------------------------------------------------------ Perturb's rare windows
+def test_a_rare_window_sleeps_and_starts_a_storm_that_focuses_every_window(kernel,
+                                                                           monkeypatch) -> None:
+    from kmemcg.core import instrument
+    clock = [100.0]
+    slept: list[tuple[str, float]] = []
+    label = ["?"]
+    monkeypatch.setattr(instrument.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(instrument.time, "sleep", lambda s: slept.append((label[0], s)))
+    # unfocused windows never sleep (prob 0); focused ones always do, long
+    p = Perturb(3, prob=0.0, longest=0.0, focus_prob=1.0, focus_longest=0.5, rare=0.01,
+                rare_first=2, rare_longest=0.2, storm=0.03)
+    kernel.add_instrument(p)
+
+    def hit(w: str) -> None:
+        label[0] = w
+        kernel.window(w)
+
+    for _ in range(2):
+        hit("common")  # the first rare_first hits of any window are rare
+    assert [w for w, _ in slept] == ["common", "common"]
+    clock[0] += 1.0  # past their storms
+    for _ in range(400):
+        hit("common")
+    assert len(slept) == 2  # common now, and no storm: no sleep
+    hit("rare")  # its first hit: rare, a sleep of its own and a storm
+    assert slept[-1][0] == "rare" and slept[-1][1] <= 0.2
+    clock[0] += 0.02  # inside the storm: every window is focused
+    hit("common")
+    assert slept[-1][0] == "common" and len(slept) == 4
+    clock[0] += 0.02  # the storm is over
+    hit("common")
+    assert len(slept) == 4
+    for _ in range(3):
+        hit("rare")  # hits 2-4 <= 2 + 1 % of ~407: still rare
+    assert [w for w, _ in slept[-3:]] == ["rare"] * 3 and len(slept) == 7
+    for _ in range(10):
+        clock[0] += 0.05  # each past the storm the hit before may have started
+        hit("rare")  # hits 5 and 6 <= 2 + 1 % of ~410: rare; 7 and on: not
+    assert len(slept) == 9
+
+
+def test_rare_windows_off_by_default(kernel, monkeypatch) -> None:
+    from kmemcg.core import instrument
+    slept: list[float] = []
+    monkeypatch.setattr(instrument.time, "sleep", slept.append)
+    kernel.add_instrument(Perturb(3, prob=0.0, longest=0.0))
+    for w in ("a", "b", "a"):
+        kernel.window(w)
+    assert slept == []
