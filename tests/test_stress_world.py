@@ -1,8 +1,15 @@
-"""The stress world's swarm phases (stress.world.Swarm)."""
+"""The stress world: its swarm phases (stress.world.Swarm) and what its shrinker shrinks."""
 
 from __future__ import annotations
 
-from stress.world import ROLES, Swarm
+from types import SimpleNamespace
+
+import pytest
+
+from kmemcg import Kernel
+from kmemcg.mm.slub import SLAB_ACCOUNT
+from kmemcg.testing import in_memcg
+from stress.world import ROLES, Swarm, shrink_children
 
 
 def quiet_set(s: Swarm, phase: int, roles: list[str]) -> set[str]:
@@ -18,3 +25,33 @@ def test_phase_zero_runs_every_role_then_phases_quiet_a_seeded_share() -> None:
     assert quiet_set(Swarm(11, 0.3), 1, roles) == q1  # the seed fixes the phases' mixes
     assert quiet_set(Swarm(12, 0.3), 1, roles) != q1
     assert quiet_set(Swarm(11, 0.0), 1, roles) == set()  # --swarm 0: all run
+
+
+def test_the_shrinker_shrinks_the_children_of_online_memcgs_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child of an offline memcg is left to the kernel's own paths (bug 17's leak is a
+    kernel that never shrinks them; a driver that did would hide it)."""
+    with Kernel() as k:
+        sl, mc = k.slab, k.memcg
+        a = sl.kmem_cache_create("a", 192, flags=SLAB_ACCOUNT)
+        kept = {}
+        for name in ("on", "off"):
+            m = in_memcg(k, name)
+            sl.kmem_cache_free(a, sl.kmem_cache_alloc(a))  # queues the creation of A(m)
+            assert k.kmemleak.quiesce()
+            o = sl.kmem_cache_alloc(a)
+            assert o.cache is not a
+            kept[name] = (m, o)  # keeps the child, and its memcg, until freed below
+        mc.attach(k.current(), mc.root)
+        assert mc.offline(kept["off"][0]) == 0
+        assert k.kmemleak.quiesce()
+        shrunk: list = []
+        with monkeypatch.context() as mp:
+            mp.setattr(sl.slub, "kmem_cache_shrink", lambda c: shrunk.append(c) or 0)
+            shrink_children(SimpleNamespace(k=k), a)
+        assert shrunk == [kept["on"][1].cache]
+        for _, o in kept.values():
+            sl.kmem_cache_free(a, o)
+        assert k.kmemleak.quiesce()
+        sl.kmem_cache_destroy(a)
+        assert not k.findings
