@@ -210,7 +210,8 @@ class Perturb(Instrument):
     The start of a work (``work_start``) and of an RCU callback (``rcu_callback``) are focused
     the same way, by the work's or the callback's name: a kworker or a callback thread that
     runs late, so whatever raced with the work or the callback gets a wide window too. They
-    get no unfocused delay: every work and callback of the model goes through them.
+    get no unfocused delay: every work and callback of the model goes through them. The
+    callbacks' focused sleeps are capped at a fifth of each phase (``SERIAL_BUDGET``).
 
     *Rare windows* (``rare`` > 0): a window hit no more than ``rare_first`` times plus
     ``rare`` of all window hits so far marks a rare state change (an array relocation, the
@@ -225,6 +226,10 @@ class Perturb(Instrument):
     this makes (not the OS scheduler's, nor which phase an event falls in)."""
 
     LATENCY_POINTS = frozenset({"work_start", "rcu_callback"})
+    # RCU callbacks run one after another on one thread: a late callback delays every one
+    # queued behind it, so their focused sleeps get at most this share of each phase (else a
+    # backlog of seconds builds, and an rcu_barrier() waits long enough to look hung).
+    SERIAL_BUDGET = {"rcu_callback": 0.2}
 
     def __init__(self, seed: int, prob: float, longest: float, tail: float = 0.0,
                  tail_longest: float = 0.025, focus: float = 0.0, focus_prob: float = 0.5,
@@ -242,6 +247,7 @@ class Perturb(Instrument):
         self._hits: dict[str, int] = {}
         self._total = 0
         self._storm_until = 0.0  # read unlocked: a float attribute load sees old or new
+        self._serial: dict[str, tuple[int, float]] = {}  # point -> (phase, slept); _hits_lock
 
     def focused(self, label: str, now: float | None = None) -> bool:
         """Is window ``label`` focused in the phase ``now`` (monotonic) falls in?"""
@@ -254,7 +260,11 @@ class Perturb(Instrument):
     def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
         if point != "window":
             if point in self.LATENCY_POINTS and self.focused(f"{point}:{label}"):
-                self._sleep(task, self.focus_prob, self.focus_longest)
+                budget = self.SERIAL_BUDGET.get(point)
+                if budget is None:
+                    self._sleep(task, self.focus_prob, self.focus_longest)
+                else:
+                    self._sleep_within(task, point, budget * self.phase)
             return
         now = time.monotonic()
         if self.rare and self._rare_hit(label, now):
@@ -275,6 +285,23 @@ class Perturb(Instrument):
                 return False
             self._storm_until = max(self._storm_until, now + self.storm)
             return True
+
+    def _sleep_within(self, task: Task, point: str, budget: float) -> None:
+        """A focused sleep at ``point`` unless this phase's sleeps there reached ``budget``."""
+        rng = self._rng(task)
+        if rng.random() >= self.focus_prob:
+            return
+        want = rng.random() * self.focus_longest
+        ph = int((time.monotonic() - self._t0) / self.phase)
+        with self._hits_lock:
+            phase, spent = self._serial.get(point, (ph, 0.0))
+            if phase != ph:
+                spent = 0.0
+            want = min(want, budget - spent)
+            if want <= 0:
+                return
+            self._serial[point] = (ph, spent + want)
+        time.sleep(want)
 
     def _rng(self, task: Task) -> random.Random:
         rng = task.extra.get("perturb_rng")

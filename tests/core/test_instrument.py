@@ -433,3 +433,28 @@ def test_rare_windows_off_by_default(kernel, monkeypatch) -> None:
     for w in ("a", "b", "a"):
         kernel.window(w)
     assert slept == []
+
+
+def test_rcu_callbacks_focused_sleeps_stay_within_a_fifth_of_each_phase(monkeypatch) -> None:
+    """One thread runs every RCU callback: their focused sleeps are capped per phase, so a
+    focused callback name delays the queue behind it by at most a fifth of the phase."""
+    from kmemcg.core import instrument
+    clock = [50.0]
+    slept: list[float] = []
+    monkeypatch.setattr(instrument.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(instrument.time, "sleep", slept.append)
+    p = Perturb(3, prob=0.0, longest=0.0, focus=1.0, focus_prob=1.0, focus_longest=0.05,
+                phase=0.5)
+    task = Task.__new__(Task)
+    task.pid, task.extra = 1, {}
+    for _ in range(50):
+        p.on_event("rcu_callback", "cb", task, None)
+    assert 0.09 < sum(slept) <= 0.1 + 1e-9  # the budget: 0.2 x 0.5 s, spent
+    assert len(slept) < 15  # then no more sleeping this phase (about 4 sleeps spend it)
+    n = len(slept)
+    clock[0] += 0.5  # the next phase: a new budget
+    p.on_event("rcu_callback", "cb", task, None)
+    assert len(slept) == n + 1 and slept[-1] > 0
+    for _ in range(50):  # works run on many kworkers: no cap
+        p.on_event("work_start", "w", task, None)
+    assert sum(slept[n + 1:]) > 0.5
