@@ -211,7 +211,8 @@ class Perturb(Instrument):
     the same way, by the work's or the callback's name: a kworker or a callback thread that
     runs late, so whatever raced with the work or the callback gets a wide window too. They
     get no unfocused delay: every work and callback of the model goes through them. The
-    callbacks' focused sleeps are capped at a fifth of each phase (``SERIAL_BUDGET``).
+    focused sleeps of one callback name are capped at a fifth of each phase
+    (``SERIAL_BUDGET``).
 
     *Rare windows* (``rare`` > 0): a window hit no more than ``rare_first`` times plus
     ``rare`` of all window hits so far marks a rare state change (an array relocation, the
@@ -227,8 +228,10 @@ class Perturb(Instrument):
 
     LATENCY_POINTS = frozenset({"work_start", "rcu_callback"})
     # RCU callbacks run one after another on one thread: a late callback delays every one
-    # queued behind it, so their focused sleeps get at most this share of each phase (else a
-    # backlog of seconds builds, and an rcu_barrier() waits long enough to look hung).
+    # queued behind it, so the focused sleeps of one callback name get at most this share of
+    # each phase (else a backlog of seconds builds behind a frequent name, and an
+    # rcu_barrier() waits long enough to look hung). Per name, so that a frequent name
+    # does not use up the sleeps of a rare one.
     SERIAL_BUDGET = {"rcu_callback": 0.2}
 
     def __init__(self, seed: int, prob: float, longest: float, tail: float = 0.0,
@@ -247,7 +250,7 @@ class Perturb(Instrument):
         self._hits: dict[str, int] = {}
         self._total = 0
         self._storm_until = 0.0  # read unlocked: a float attribute load sees old or new
-        self._serial: dict[str, tuple[int, float]] = {}  # point -> (phase, slept); _hits_lock
+        self._serial: dict[str, tuple[int, float]] = {}  # key -> (phase, slept); _hits_lock
 
     def focused(self, label: str, now: float | None = None) -> bool:
         """Is window ``label`` focused in the phase ``now`` (monotonic) falls in?"""
@@ -264,7 +267,7 @@ class Perturb(Instrument):
                 if budget is None:
                     self._sleep(task, self.focus_prob, self.focus_longest)
                 else:
-                    self._sleep_within(task, point, budget * self.phase)
+                    self._sleep_within(task, f"{point}:{label}", budget * self.phase)
             return
         now = time.monotonic()
         if self.rare and self._rare_hit(label, now):
@@ -286,21 +289,21 @@ class Perturb(Instrument):
             self._storm_until = max(self._storm_until, now + self.storm)
             return True
 
-    def _sleep_within(self, task: Task, point: str, budget: float) -> None:
-        """A focused sleep at ``point`` unless this phase's sleeps there reached ``budget``."""
+    def _sleep_within(self, task: Task, key: str, budget: float) -> None:
+        """A focused sleep at ``key`` unless this phase's sleeps there reached ``budget``."""
         rng = self._rng(task)
         if rng.random() >= self.focus_prob:
             return
         want = rng.random() * self.focus_longest
         ph = int((time.monotonic() - self._t0) / self.phase)
         with self._hits_lock:
-            phase, spent = self._serial.get(point, (ph, 0.0))
+            phase, spent = self._serial.get(key, (ph, 0.0))
             if phase != ph:
                 spent = 0.0
             want = min(want, budget - spent)
             if want <= 0:
                 return
-            self._serial[point] = (ph, spent + want)
+            self._serial[key] = (ph, spent + want)
         time.sleep(want)
 
     def _rng(self, task: Task) -> random.Random:
