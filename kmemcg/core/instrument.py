@@ -246,19 +246,21 @@ class Perturb(Instrument):
         self._t0 = time.monotonic()
         self.rare, self.rare_first = rare, rare_first
         self.rare_longest, self.storm = rare_longest, storm
-        self._hits_lock = threading.Lock()  # guards _hits, _total and writes of _storm_until
+        self._lock = threading.Lock()  # guards _hits, _total, _serial, writes of _storm_until
         self._hits: dict[str, int] = {}
         self._total = 0
         self._storm_until = 0.0  # read unlocked: a float attribute load sees old or new
-        self._serial: dict[str, tuple[int, float]] = {}  # key -> (phase, slept); _hits_lock
+        self._serial: dict[str, tuple[int, float]] = {}  # key -> (phase, seconds slept)
 
     def focused(self, label: str, now: float | None = None) -> bool:
         """Is window ``label`` focused in the phase ``now`` (monotonic) falls in?"""
         if not self._focus_cut:
             return False
-        t = time.monotonic() if now is None else now
-        ph = int((t - self._t0) / self.phase)
+        ph = self._phase(time.monotonic() if now is None else now)
         return zlib.crc32(f"{self.seed}:{ph}:{label}".encode()) < self._focus_cut
+
+    def _phase(self, t: float) -> int:
+        return int((t - self._t0) / self.phase)
 
     def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
         if point != "window":
@@ -281,7 +283,7 @@ class Perturb(Instrument):
 
     def _rare_hit(self, label: str, now: float) -> bool:
         """Count this hit; if ``label`` is rare, start (or extend) a storm and say so."""
-        with self._hits_lock:
+        with self._lock:
             n = self._hits[label] = self._hits.get(label, 0) + 1
             self._total += 1
             if n > self.rare_first + self.rare * self._total:
@@ -295,8 +297,8 @@ class Perturb(Instrument):
         if rng.random() >= self.focus_prob:
             return
         want = rng.random() * self.focus_longest
-        ph = int((time.monotonic() - self._t0) / self.phase)
-        with self._hits_lock:
+        ph = self._phase(time.monotonic())
+        with self._lock:
             phase, spent = self._serial.get(key, (ph, 0.0))
             if phase != ph:
                 spent = 0.0
