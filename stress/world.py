@@ -574,13 +574,15 @@ def shrink_children(w: World, root: Any) -> None:
     that pin their memcgs). Under cpus + slab_mutex, as the deactivation work shrinks them: a
     child's destruction takes slab_mutex, so none is freed under us (the sysfs path holds a
     kernfs active reference instead, which the model does not have); ``online`` is read
-    unlocked (a child pins its memcg, and a stale read only picks one child more or less)."""
+    unlocked (a child pins its memcg, and a stale read only picks one child more or less).
+    Every memcg design keeps the root's ``children`` list under slab_mutex."""
     sl = w.k.slab
+    rp = root.memcg_params
+    if rp is None:  # not a memcg-aware root (v5.9 has no per-memcg children at all)
+        return
     with sl.cpus_and_slab_mutex():
-        for c in list(sl.slab_caches):
-            p = c.memcg_params
-            if p is not None and not p.is_root_cache and p.root_cache is root \
-                    and p.memcg.online:
+        for c in list(rp.children):
+            if c.memcg_params.memcg.online:
                 sl.slub.kmem_cache_shrink(c)
 
 
