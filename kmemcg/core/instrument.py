@@ -264,12 +264,16 @@ class Perturb(Instrument):
 
     def on_event(self, point: str, label: str, task: Task, obj: Any) -> None:
         if point != "window":
-            if point in self.LATENCY_POINTS and self.focused(f"{point}:{label}"):
-                budget = self.SERIAL_BUDGET.get(point)
-                if budget is None:
-                    self._sleep(task, self.focus_prob, self.focus_longest)
-                else:
-                    self._sleep_within(task, f"{point}:{label}", budget * self.phase)
+            if point not in self.LATENCY_POINTS:
+                return  # lock events and the like: the hot path, nothing to do
+            key = f"{point}:{label}"
+            if not self.focused(key):
+                return
+            budget = self.SERIAL_BUDGET.get(point)
+            if budget is None:
+                self._sleep(task, self.focus_prob, self.focus_longest)
+            else:
+                self._sleep_within(task, key, budget * self.phase)
             return
         now = time.monotonic()
         if self.rare and self._rare_hit(label, now):
