@@ -31,13 +31,13 @@ from __future__ import annotations
 import random
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kmemcg import Kernel
+from kmemcg.core.instrument import phase_draw
 from kmemcg.core.kasan import KasanOops
 from kmemcg.mm.slub import SLAB_ACCOUNT, SLAB_HWCACHE_ALIGN, SLAB_TYPESAFE_BY_RCU
 from kmemcg.mm.typesafe import TypesafeTable, typesafe_delete, typesafe_insert, typesafe_lookup
@@ -143,14 +143,14 @@ class Swarm:
 
     def __init__(self, seed: int, quiet: float) -> None:
         self.seed = seed
-        self._cut = int(quiet * 0xFFFFFFFF)
+        self._quiet = quiet
         self._t0 = time.monotonic()
 
     def quiet(self, role: str, now: float | None = None) -> bool:
-        if not self._cut:
+        if not self._quiet:
             return False
         ph = int(((time.monotonic() if now is None else now) - self._t0) / self.PHASE)
-        return ph > 0 and zlib.crc32(f"{self.seed}:{ph}:{role}".encode()) < self._cut
+        return ph > 0 and phase_draw(self.seed, ph, role) < self._quiet
 
 
 # ------------------------------------------------------------------------ role operations

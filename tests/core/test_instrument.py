@@ -365,6 +365,25 @@ def test_focus_phases_pick_a_share_of_windows_that_changes_with_phase_and_seed()
     assert not any(off.focused(w) for w in WINDOWS)
 
 
+def test_focus_coins_are_independent_across_seeds_and_phases() -> None:
+    """Neighbouring seeds must not share their focus phases, and a window must not stay
+    focused for runs of phases: a CRC of "seed:phase:label" did both (linear in its input)."""
+    phases = range(400)
+
+    def pattern(seed: int) -> list[bool]:
+        p = Perturb(seed, prob=0.0, longest=0.0, focus=0.25, phase=0.5)
+        return [p.focused("memcg_kmem_get_cache:returned", p._t0 + (ph + 0.5) * 0.5)
+                for ph in phases]
+
+    pats = [pattern(s) for s in range(100, 110)]
+    agree = [sum(a == b for a, b in zip(x, y)) / len(phases) for x, y in zip(pats, pats[1:])]
+    # independent coins with p = 0.25 agree on 0.625 of the phases (the CRC: 0.92)
+    assert all(0.5 < a < 0.75 for a in agree), agree
+    runs = [len(r) for pat in pats for r in "".join("x" if f else "." for f in pat).split(".")
+            if r]
+    assert sum(runs) / len(runs) < 1.6  # independent: 1 / 0.75 = 1.33 (the CRC: 2.1)
+
+
 def test_a_focused_window_sleeps_long_an_unfocused_one_short(kernel, monkeypatch) -> None:
     from kmemcg.core import instrument
     slept: list[tuple[str, float]] = []
