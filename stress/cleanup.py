@@ -32,6 +32,7 @@ from typing import Any
 
 from kmemcg.core import findings as F
 from kmemcg.core.kasan import KasanOops
+from kmemcg.mm.memcg_slab import is_child
 from kmemcg.mm.typesafe import typesafe_delete
 from stress.world import World
 
@@ -87,8 +88,7 @@ def _cleanup(w: World, result: dict[str, Any]) -> None:
         # child's destruction (css_free) takes the same locks, so none is freed under us
         with sl.cpus_and_slab_mutex():
             for c in sl.slab_caches:
-                p = c.memcg_params
-                if p is not None and not p.is_root_cache:
+                if is_child(c):
                     sl.slub.kmem_cache_shrink(c)
         leak.quiesce()
         found |= {id(f) for f in leak.scan_memcgs() + leak.scan_memcg_caches()}

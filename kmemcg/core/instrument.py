@@ -306,10 +306,9 @@ class Perturb(Instrument):
 
     def _sleep_within(self, task: Task, key: str, budget: float) -> None:
         """A focused sleep at ``key`` unless this phase's sleeps there reached ``budget``."""
-        rng = self._rng(task)
-        if rng.random() >= self.focus_prob:
+        want = self._draw(task, self.focus_prob, self.focus_longest)
+        if not want:
             return
-        want = rng.random() * self.focus_longest
         ph = self._phase(time.monotonic())
         with self._lock:
             phase, spent = self._serial.get(key, (ph, 0.0))
@@ -327,7 +326,11 @@ class Perturb(Instrument):
             rng = task.extra["perturb_rng"] = random.Random(self.seed * 7919 + task.pid)
         return rng
 
-    def _sleep(self, task: Task, prob: float, longest: float) -> None:
+    def _draw(self, task: Task, prob: float, longest: float) -> float:
+        """With probability ``prob`` a sleep of up to ``longest`` seconds, else 0."""
         rng = self._rng(task)
-        if rng.random() < prob:
-            time.sleep(rng.random() * longest)
+        return rng.random() * longest if rng.random() < prob else 0.0
+
+    def _sleep(self, task: Task, prob: float, longest: float) -> None:
+        if d := self._draw(task, prob, longest):
+            time.sleep(d)
