@@ -37,9 +37,9 @@ CLEANUP_TIMEOUT = 3.0  # seconds for the end-of-run cleanup and leak check
 PERTURB: dict[str, dict[str, float]] = {
     "off": {},
     "light": {"prob": 0.2, "longest": 0.001, "tail": 0.01, "focus": 0.25, "focus_longest": 0.05,
-              "rare": 0.0005},
+              "rare": 0.0005, "unlocked_tail": 0.2},
     "heavy": {"prob": 0.5, "longest": 0.004, "tail": 0.03, "focus": 0.4, "focus_longest": 0.05,
-              "rare": 0.0005},
+              "rare": 0.0005, "unlocked_tail": 0.2},
 }
 
 

@@ -233,6 +233,15 @@ class Perturb(Instrument):
     is about to replace (a reader holding the old array) stay there while it goes on. Like
     focus, this is nothing but hit counts: no list of windows, nothing known about a bug.
 
+    *Unlocked tails* (``unlocked_tail`` > 0): at a focused window (not in a storm), a task
+    that holds no lock and is outside RCU read sections sleeps up to ``unlocked_longest``
+    once in ``1 / unlocked_tail``. It stalls nobody, as a kernel task preempted or in direct
+    reclaim between two steps stalls nobody, and some races need a window that long because
+    their other side is a chain of grace periods and works (catalog bug 9: the memcg's
+    offline, its caches' deactivation, the last css_put and css_free all have to run between
+    memcg_kmem_get_cache() and the allocation: 100-600 ms in the model under load). The held
+    locks are lockdep's list (``task.held``): without lockdep no sleep is an unlocked one.
+
     The random streams are per task and derived from ``seed``, so a seed fixes every choice
     this makes (not the OS scheduler's, nor which phase an event falls in)."""
 
@@ -247,7 +256,8 @@ class Perturb(Instrument):
     def __init__(self, seed: int, prob: float, longest: float, tail: float = 0.0,
                  tail_longest: float = 0.025, focus: float = 0.0, focus_prob: float = 0.5,
                  phase: float = 0.5, focus_longest: float | None = None, rare: float = 0.0,
-                 rare_first: int = 8, rare_longest: float = 0.01, storm: float = 0.03) -> None:
+                 rare_first: int = 8, rare_longest: float = 0.01, storm: float = 0.03,
+                 unlocked_tail: float = 0.0, unlocked_longest: float = 0.3) -> None:
         self.seed, self.prob, self.longest = seed, prob, longest
         self.tail, self.tail_longest = tail, tail_longest
         self.focus, self.focus_prob, self.phase = focus, focus_prob, phase
@@ -255,6 +265,7 @@ class Perturb(Instrument):
         self._t0 = time.monotonic()
         self.rare, self.rare_first = rare, rare_first
         self.rare_longest, self.storm = rare_longest, storm
+        self.unlocked_tail, self.unlocked_longest = unlocked_tail, unlocked_longest
         self._lock = threading.Lock()  # guards _hits, _total, _serial, writes of _storm_until
         self._hits: dict[str, int] = {}
         self._total = 0
@@ -287,12 +298,23 @@ class Perturb(Instrument):
         now = time.monotonic()
         if self.rare and self._rare_hit(label, now):
             self._sleep(task, 1.0, self.rare_longest)
-        elif now < self._storm_until or self.focused(label, now):
+        elif now < self._storm_until:
             self._sleep(task, self.focus_prob, self.focus_longest)
+        elif self.focused(label, now):
+            self._sleep(task, self.focus_prob, self._focused_longest(task))
         elif self.prob:
             rng = self._rng(task)
             longest = self.tail_longest if rng.random() < self.tail else self.longest
             self._sleep(task, self.prob, longest)
+
+    def _focused_longest(self, task: Task) -> float:
+        """The longest sleep at a focused window: ``unlocked_longest`` once in
+        ``1 / unlocked_tail`` for a task that holds no lock and is outside RCU read sections
+        (lockdep's held-lock list says so: without lockdep, never), else ``focus_longest``."""
+        if self.unlocked_tail and task.kernel._ld is not None and not task.held and \
+                not task.rcu_nesting and self._rng(task).random() < self.unlocked_tail:
+            return self.unlocked_longest
+        return self.focus_longest
 
     def _rare_hit(self, label: str, now: float) -> bool:
         """Count this hit; if ``label`` is rare, start (or extend) a storm and say so."""

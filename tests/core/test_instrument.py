@@ -402,6 +402,34 @@ def test_a_focused_window_sleeps_long_an_unfocused_one_short(kernel, monkeypatch
     assert max(s for w, s in slept if w in hot) > 0.01  # up to tail_longest
 
 
+def test_a_focused_window_sleeps_longer_when_the_task_holds_no_lock(kernel, monkeypatch) -> None:
+    """unlocked_tail: a task at a focused window that holds no lock and is outside RCU read
+    sections may sleep up to unlocked_longest that often (it stalls nobody); with a mutex
+    held or inside rcu_read_lock() the focused sleeps stay within focus_longest."""
+    from kmemcg.core import instrument
+    slept: list[tuple[str, float]] = []
+    where = ["?"]
+    monkeypatch.setattr(instrument.time, "sleep", lambda s: slept.append((where[0], s)))
+    kernel.add_instrument(Perturb(3, prob=0.0, longest=0.0, focus=1.0, focus_prob=1.0,
+                                  focus_longest=0.01, unlocked_tail=0.5,
+                                  unlocked_longest=0.5))
+    m = kernel.mutex("test_mutex")
+    for _ in range(50):
+        where[0] = "free"
+        kernel.window("w")
+        with m:
+            where[0] = "mutex"
+            kernel.window("w")
+        kernel.rcu.read_lock()
+        where[0] = "rcu"
+        kernel.window("w")
+        kernel.rcu.read_unlock()
+    by = {w: [s for x, s in slept if x == w] for w in ("free", "mutex", "rcu")}
+    assert all(len(v) == 50 for v in by.values())
+    assert max(by["free"]) > 0.1
+    assert max(by["mutex"]) <= 0.01 and max(by["rcu"]) <= 0.01
+
+
 # ------------------------------------------------------------------ Perturb's rare windows
 def test_a_rare_window_sleeps_and_starts_a_storm_that_focuses_every_window(kernel,
                                                                            monkeypatch) -> None:
