@@ -13,7 +13,8 @@ Roles (each driver thread plays one; ``--mix`` weights them):
 allocator      alloc / free on live root caches (frees of objects other threads allocated),
                migration between CPUs
 root_churn     create a cache (often merging into an existing one), use it, free all,
-               destroy; sometimes a SLAB_TYPESAFE_BY_RCU cache
+               destroy; sometimes a SLAB_TYPESAFE_BY_RCU cache. Before an accounted
+               cache's destroy, a memcg using it is removed (a service's teardown)
 rcu_reader     SLAB_TYPESAFE_BY_RCU lookups: find under rcu_read_lock, lock, revalidate
 rcu_writer     insert / delete objects in the TYPESAFE tables; synchronize / barrier
 shrinker       kmem_cache_shrink on live caches
@@ -55,6 +56,7 @@ KEYS = 12  # few keys per table: readers often race the writer deleting theirs
 LONG_LIVED = 0.25  # of accounted and TYPESAFE caches: kept LONG_LIFE s, as a module's caches are
 LONG_LIFE = (1.0, 4.0)
 LONG_LIVED_ACCOUNT_SIZE = ACCOUNT_SIZES[-1]  # the accounted caches that may live long
+TEARDOWN = 1.0  # share of accounted caches' destroys preceded by a teardown (see teardown())
 
 
 @dataclass
@@ -379,9 +381,31 @@ def op_root_churn(w: World, rng: random.Random, ops: Counter) -> None:
         sl.kmem_cache_free(e.cache, obj)
         ops["free"] += 1
     e.objs.clear()
+    if e.cache.flags & SLAB_ACCOUNT and rng.random() < TEARDOWN:
+        teardown(w, e, rng, ops)
     w.k.window("stress:before_destroy")
     sl.kmem_cache_destroy(e.cache)
     ops["cache_destroy"] += 1
+
+
+def teardown(w: World, e: Entry, rng: random.Random, ops: Counter) -> None:
+    """A service going away: its objects were freed, its container is removed now (rmdir of
+    a memcg with a child of ``e``'s cache), and its module unloads (``e`` destroyed by the
+    caller right after). The "destroy after rmdir" of a264df74df38 (catalog bug 16): the
+    root's destroy meets the child's deactivation on its way through an RCU callback and a
+    work (bug 11 too)."""
+    rp = e.cache.memcg_params
+    if rp is None:  # v5.9: no per-memcg children
+        return
+    with w.k.slab.slab_mutex:  # as memory.kmem.slabinfo lists them
+        using = {id(c.memcg_params.memcg) for c in rp.children}
+    with w.lock:
+        users = [m for m in w.memcgs if id(m) in using]
+        if not users:
+            return
+        m = rng.choice(users)
+        w.memcgs.remove(m)  # claimed: as a churner claims it (one rmdir succeeds)
+    rmdir(w, m, rng, ops, evicting=True)
 
 
 def op_rcu_reader(w: World, rng: random.Random, ops: Counter) -> None:
@@ -499,6 +523,21 @@ def burst(w: World, ops: Counter) -> None:
             w.hot = []
 
 
+def rmdir(w: World, m: Any, rng: random.Random, ops: Counter, evicting: bool) -> None:
+    """Offline ``m``, claimed by the caller (off ``w.memcgs`` and ``w.retiring``); put it back
+    on ``w.retiring`` if a task is still in it. ``evicting``: move its tasks out first, as an
+    admin does before rmdir (else they were asked to leave and do so by themselves)."""
+    if evicting:
+        evict(w, m)
+    free_charged(w, m, rng, ops, before=True)
+    if w.k.memcg.offline(m) == 0:
+        ops["memcg_offline"] += 1
+        free_charged(w, m, rng, ops, before=False)
+        return
+    with w.lock:
+        w.retiring.append(m)  # still busy: later, by whoever claims it then
+
+
 def pick_retiree(w: World, rng: random.Random) -> int:
     """Caller holds ``w.lock``: the index in ``w.memcgs`` of the memcg to retire. Half of the
     time the one whose children hold the most kept objects: the root caches live some tens
@@ -522,15 +561,7 @@ def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
     with w.lock:
         claimed, w.retiring = w.retiring, []
     for m in claimed:  # offline those whose tasks have all moved away
-        if rng.random() < 0.5:
-            evict(w, m)  # or move them out ourselves, as an admin before rmdir
-        free_charged(w, m, rng, ops, before=True)
-        if mc.offline(m) == 0:
-            ops["memcg_offline"] += 1
-            free_charged(w, m, rng, ops, before=False)
-        else:
-            with w.lock:
-                w.retiring.append(m)  # still busy: later, by whoever claims it then
+        rmdir(w, m, rng, ops, evicting=rng.random() < 0.5)
     if rng.random() < BURST_PROB:
         burst(w, ops)
     with w.lock:

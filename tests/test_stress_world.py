@@ -55,3 +55,38 @@ def test_the_shrinker_shrinks_the_children_of_online_memcgs_only(
         assert k.kmemleak.quiesce()
         sl.kmem_cache_destroy(a)
         assert not k.findings
+
+
+def test_teardown_removes_a_memcg_that_used_the_cache_and_no_other() -> None:
+    """Before an accounted cache's destroy, a memcg with a child of it goes offline (the
+    "destroy after rmdir" of a264df74df38); a memcg without one is left alone."""
+    import random
+    from collections import Counter
+
+    from stress.world import Entry, World, teardown
+
+    with Kernel() as k:
+        sl, mc = k.slab, k.memcg
+        a = sl.kmem_cache_create("a", 192, flags=SLAB_ACCOUNT)
+        b = sl.kmem_cache_create("b", 96, flags=SLAB_ACCOUNT)
+        w = World(k, seed=1)
+        users = {}
+        for name, cache in (("uses_a", a), ("uses_b", b)):
+            m = in_memcg(k, name)
+            sl.kmem_cache_free(cache, sl.kmem_cache_alloc(cache))  # queues the child's creation
+            assert k.kmemleak.quiesce()
+            users[name] = m
+        mc.attach(k.current(), mc.root)
+        w.memcgs = list(users.values())
+        w.tasks = [k.current()]
+        ops: Counter = Counter()
+        teardown(w, Entry(a, typesafe=False), random.Random(1), ops)
+        assert not users["uses_a"].online and users["uses_b"].online
+        assert w.memcgs == [users["uses_b"]] and ops["memcg_offline"] == 1
+        teardown(w, Entry(a, typesafe=False), random.Random(1), ops)  # none left: a no-op
+        assert ops["memcg_offline"] == 1
+        assert mc.offline(users["uses_b"]) == 0
+        assert k.kmemleak.quiesce()
+        sl.kmem_cache_destroy(a)
+        sl.kmem_cache_destroy(b)
+        assert not k.findings
