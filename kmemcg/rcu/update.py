@@ -194,6 +194,13 @@ class RCU:
         self._contended = False  # last grace period served or saw other callers (_gp_lock)
         self._nr_gp = 0  # completed; written by the leader under _gp_lock, read racily
         self._nr_barrier = 0
+        # rcu_state.barrier_sequence (rcu_seq: odd while a barrier runs); written under
+        # barrier_mutex, read by callers before they take it: under its own raw lock, so a
+        # caller never snapshots a value older than its call (a stale, smaller value would
+        # let a barrier that began before the call count for it)
+        self._barrier_seq = 0
+        self._barrier_seq_lock = k.raw_lock()
+        self.nr_barrier_shared = 0  # barriers that found their work done by another
         self.barrier_mutex = k.mutex("rcu_barrier_mutex")  # rcu_sched_state.barrier_mutex
         self._cbs = CallRCU(self, nr_cb_queues)
 
@@ -466,6 +473,11 @@ class RCU:
 
         As in v3.7 (commit 1331e7a1bbe1) it takes ``barrier_mutex`` and, with the 2012 CPU
         hotplug design, get_online_cpus() inside it: barrier_mutex -> cpu_hotplug.lock.
+
+        "Did someone else do our work for us?" (cf3a9c4842b1, 3.5; ``barrier_sequence`` since
+        4.x): a caller that waited for the mutex while a whole barrier ran, one that began
+        after this call did, returns without a barrier of its own: every callback queued
+        before this call ran before that barrier's completions.
         """
         k = self._k
         task = k.current()
@@ -477,9 +489,18 @@ class RCU:
             rcu_suspicious(k, task, "Illegal rcu_barrier() from an RCU callback",
                            "barrier-in-callback")
             return
+        with self._barrier_seq_lock:
+            snap = (self._barrier_seq + 3) & ~1  # rcu_seq_snap()
         mu = self.barrier_mutex
         mu.lock()
         try:
+            with self._barrier_seq_lock:
+                done = self._barrier_seq >= snap  # rcu_seq_done()
+                if not done:
+                    self._barrier_seq += 1  # rcu_seq_start(): odd
+            if done:
+                self.nr_barrier_shared += 1
+                return
             self._nr_barrier += 1
             hp = getattr(k, "hotplug", None)
             took = hp is not None and getattr(hp, "barrier_takes_hotplug", False)
@@ -490,6 +511,8 @@ class RCU:
             finally:
                 if took:
                     hp.put_online_cpus()
+                with self._barrier_seq_lock:
+                    self._barrier_seq += 1  # rcu_seq_end(): even
         finally:
             mu.unlock()
 

@@ -83,6 +83,45 @@ def test_barrier_waits_for_every_earlier_callback(kernel: Kernel) -> None:
     assert order == ["cb", "barrier"]
 
 
+def _wait_until(cond, timeout: float = 10.0) -> bool:
+    import time
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_barrier_done_by_another_meanwhile_is_not_done_twice(kernel: Kernel) -> None:
+    """Two callers wait for barrier_mutex while barrier A runs: the first to get it runs a
+    barrier of its own (A began before they called), the second finds that one began and
+    ended after its call and returns (cf3a9c4842b1): one barrier less, and still every
+    callback queued before its call ran first."""
+    a = Reader(kernel, "reader_A")  # holds up the grace period: barrier A waits
+    order: list[str] = []
+    kernel.rcu.call(order.append, "cb1")
+
+    def barrier(name: str) -> Runner:
+        def run() -> None:
+            kernel.rcu.barrier()
+            order.append(name)
+        return Runner(kernel, run, name)
+
+    ra = barrier("A")
+    assert _wait_until(kernel.rcu.barrier_mutex.is_locked)
+    kernel.rcu.call(order.append, "cb2")  # behind A's completion: A does not wait for it
+    rb, rc = barrier("B"), barrier("C")
+    assert _wait_until(lambda: all(r.task is not None and r.task.blocked_on is not None
+                                   for r in (rb, rc)))
+    a.exit_section()
+    assert all(r.done.wait(10) and r.error is None for r in (ra, rb, rc))
+    assert kernel.rcu.nr_barrier_shared == 1
+    assert kernel.rcu.statistics().barriers == 2
+    assert order.index("cb1") < order.index("A")
+    assert order.index("cb2") < min(order.index("B"), order.index("C"))
+
+
 def test_barrier_without_callbacks_returns(kernel: Kernel) -> None:
     kernel.rcu.barrier()
     assert kernel.rcu.statistics().barriers == 1
