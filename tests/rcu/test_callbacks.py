@@ -10,6 +10,7 @@ import pytest
 from kmemcg import Kernel
 from kmemcg.core.task import KernelTornDown
 from kmemcg.rcu import RCU
+from kmemcg.testing import wait_until
 
 from . import F, Reader, Runner, Watcher, unexpected
 
@@ -83,16 +84,6 @@ def test_barrier_waits_for_every_earlier_callback(kernel: Kernel) -> None:
     assert order == ["cb", "barrier"]
 
 
-def _wait_until(cond, timeout: float = 10.0) -> bool:
-    import time
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def test_a_barrier_done_by_another_meanwhile_is_not_done_twice(kernel: Kernel) -> None:
     """Two callers wait for barrier_mutex while barrier A runs: the first to get it runs a
     barrier of its own (A began before they called), the second finds that one began and
@@ -109,10 +100,10 @@ def test_a_barrier_done_by_another_meanwhile_is_not_done_twice(kernel: Kernel) -
         return Runner(kernel, run, name)
 
     ra = barrier("A")
-    assert _wait_until(kernel.rcu.barrier_mutex.is_locked)
+    assert wait_until(kernel.rcu.barrier_mutex.is_locked)
     kernel.rcu.call(order.append, "cb2")  # behind A's completion: A does not wait for it
     rb, rc = barrier("B"), barrier("C")
-    assert _wait_until(lambda: all(r.task is not None and r.task.blocked_on is not None
+    assert wait_until(lambda: all(r.task is not None and r.task.blocked_on is not None
                                    for r in (rb, rc)))
     a.exit_section()
     assert all(r.done.wait(10) and r.error is None for r in (ra, rb, rc))
