@@ -453,18 +453,19 @@ def _churn(k: Kernel, seconds: float) -> None:
     offlined: list = []
     counts = {"alloc": 0, "free": 0, "memcgs": 0, "caches": 0}
 
-    def pick_group(rng):
+    def attach_somewhere(me, rng) -> None:
+        # Pick and attach under the list's lock: a memcg leaves the list before its offline,
+        # so the one picked cannot be offlined and freed before the attach takes its
+        # reference. (Holding only a pointer, as cgroup.procs never does, would be the
+        # test's own use-after-free: KASAN reported it once in CI.)
         with lock:
-            return rng.choice(groups)
+            mc.attach(me, rng.choice(groups))
 
     def allocator(i: int) -> None:
         rng = random.Random(i)
         me = k.current()
         while not stop.is_set():
-            try:
-                mc.attach(me, pick_group(rng))
-            except ValueError:
-                pass  # offlined between the pick and the attach
+            attach_somewhere(me, rng)
             if rng.random() < 0.55:
                 s = rng.choice(fixed)
                 o = sl.kmem_cache_alloc(s)
@@ -526,10 +527,7 @@ def _churn(k: Kernel, seconds: float) -> None:
                                      flags=SLAB_ACCOUNT)
             mine = []
             for _ in range(rng.randrange(1, 8)):
-                try:
-                    mc.attach(me, pick_group(rng))
-                except ValueError:
-                    pass
+                attach_somewhere(me, rng)
                 mine.append(sl.kmem_cache_alloc(s))
             mc.attach(me, mc.root)
             for o in mine:
