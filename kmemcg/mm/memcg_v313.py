@@ -304,8 +304,12 @@ class MemcgSlabV313(MemcgSlab):
                 k.memcg.css_put(memcg)  # another creator won (checked under slab_mutex)
                 return None
             if bug7:
-                # cachep->memcg_params->memcg_caches[idx] = new, under memcg_cache_mutex only
+                # cachep->memcg_params->memcg_caches[idx] = new, under memcg_cache_mutex only:
+                # a load of the array, then a store into it. A relocation that took slab_mutex
+                # as kmem_cache_create_memcg() dropped it may copy the loaded array in between:
+                # the store lands in the old array, and the new one's slot stays empty (lost)
                 arr = root.memcg_params.memcg_caches.dereference(self.memcg_cache_mutex)
+                k.window("memcg_create_kmem_cache:publish")
                 self._publish(root, arr, idx, new)
             p = new.memcg_params
             if p.dead:  # born dead: destroy it now that it is published (model, see doc)
@@ -469,13 +473,20 @@ class MemcgSlabV313(MemcgSlab):
         p = c.memcg_params
         idx = p.memcg.kmemcg_id
         arr = p.root_cache.memcg_params.memcg_caches.protected(sl.slab_mutex)
-        if arr.entries[idx] is not c:
-            self._assertion(f"kernel BUG at mm/memcontrol.c: memcg_caches[{idx}] of "
-                            f"{p.root_cache.name} is not {c.name}",
-                            "memcg_unregister_cache:slot_not_ours",
-                            "clearing the slot of a child that is not published there\n")
-            return
-        arr.entries[idx] = None
+        if self._slot_is_ours(arr, idx, c):
+            arr.entries[idx] = None
+
+    def _slot_is_ours(self, arr: MemcgCacheArray, idx: int, c: KmemCache) -> bool:
+        """The fix's VM_BUG_ON(slot != c) before a child's slot is cleared, as a model check
+        that runs in both forms: with bug 7 a child published into an array a relocation
+        had already copied is in no slot, and a second child may sit in the one it owns."""
+        if arr.entries[idx] is c:
+            return True
+        self._assertion(f"kernel BUG at mm/memcontrol.c: memcg_caches[{idx}] of "
+                        f"{c.memcg_params.root_cache.name} is not {c.name}",
+                        "memcg_unregister_cache:slot_not_ours",
+                        "clearing the slot of a child that is not published there\n")
+        return False
 
     def memcg_release_cache(self, c: KmemCache, clear_slot: bool) -> None:
         """memcg_release_cache(): (3.13) slot = NULL with no lock but set_limit_mutex-free
@@ -485,7 +496,8 @@ class MemcgSlabV313(MemcgSlab):
         if clear_slot:
             root = p.root_cache
             arr = root.memcg_params.memcg_caches.access()
-            arr.entries[memcg.kmemcg_id] = None
+            self._slot_is_ours(arr, memcg.kmemcg_id, c)
+            arr.entries[memcg.kmemcg_id] = None  # 3.13 clears it all the same
         with self.state(memcg).slab_caches_mutex:
             _remove(memcg.kmem_caches, c)
         self._k.memcg.css_put(memcg)

@@ -146,6 +146,43 @@ def test_bug7_fixed_recheck_under_slab_mutex_keeps_one_child():
         assert not k.findings.snapshot(), [f.title for f in k.findings]
 
 
+def test_bug7_creator_stores_into_the_array_a_relocation_copied():
+    """W1 created X and loaded the memcg_caches array to publish it; an activation relocates
+    the array meanwhile (slot 0 is copied empty); W1's store lands in the old array. X is in
+    no slot (lost): the next miss creates a second child Y, and X's destroy at the offline
+    clears Y's slot: the fix's VM_BUG_ON(slot != cachep), which the model checks in both
+    forms, reports it."""
+    bug7 = ("memcg_create_without_slab_mutex_recheck",)
+    with Kernel(config=v313(without=V313_BUGS, with_=bug7)) as k:
+        sl, mc = k.slab, k.memcg
+        s, m = relocation_ahead(k)
+        mc.attach(k.current(), m)
+        bp = k.breakpoints.add("window:memcg_create_kmem_cache:publish")
+        sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # a miss: W1 queued
+        bp.wait()
+        old = s.memcg_params.memcg_caches.access()
+        out, _reader = hold_grace_period(k)  # the old array outlives W1's store
+        mc.memcg_activate_kmem(mc.create("big"))  # relocates: slot 0 copied empty
+        assert s.memcg_params.memcg_caches.access() is not old
+        bp.release()
+        assert wait_until(lambda: old.entries[m.kmemcg_id] is not None, 5)
+        x = old.entries[m.kmemcg_id]
+        out.set()
+        settle(k)
+        assert child_of(k, s, m) is None and k.memcg_slab.leaked_children(s) == [x]
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+        y = make_child(k, s, m)
+        assert y is not x and child_of(k, s, m) is y
+        x_name = x.name  # X is freed by the end
+        mc.attach(k.current(), mc.root)
+        assert mc.offline(m) == 0
+        settle(k)
+        titles = [f.title for f in k.findings if f.kind == F.ASSERTION]
+        assert f"kernel BUG at mm/memcontrol.c: memcg_caches[0] of dentry is not {x_name}" \
+            in titles, titles
+        assert F.ASSERTION in BY_NAME["memcg_create_without_slab_mutex_recheck"].detector
+
+
 # ---------------------------------------------------------------------------------- bug 9
 def lookup_then_offline(k: Kernel):
     """T got child C (empty) from the lookup and parks; T is moved out, M goes offline, the
