@@ -106,7 +106,10 @@ CATALOG: tuple[Bug, ...] = (
         (F.ASSERTION, F.MEMLEAK),
         "W2: memcg_cache_mutex, reads slot; A: activation relocates (new array published "
         "empty), W2 reads NULL; A copies X; W2 creates Y and publishes over X: the "
-        "VM_BUG_ON(slot already set) the fix added, or X leaked.",
+        "VM_BUG_ON(slot already set) the fix added, or X leaked. Or W1 loads the array to "
+        "publish X (window memcg_create_kmem_cache:publish), A copies it, W1 stores into the "
+        "old one: X is lost, and its destroy clears a slot that is not its own (the fix's "
+        "VM_BUG_ON(slot != cachep)).",
         "memcg_create_kmem_cache:checked", requires_memcg=("v3.13",)),
     Bug(8, "destroy_work_scheduled_twice", "3.8-3.15",
         "Davydov, linux-mm 26 Feb 2014; gone with 1e32e77f95d6 (3.16)", ("v3.13",),
