@@ -1,7 +1,10 @@
-"""The stress world: its swarm phases (stress.world.Swarm) and what its shrinker shrinks."""
+"""The stress world: its swarm phases (stress.world.Swarm), what its shrinker shrinks and
+which memcg a service's teardown removes."""
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +12,7 @@ import pytest
 from kmemcg import Kernel
 from kmemcg.mm.slub import SLAB_ACCOUNT
 from kmemcg.testing import in_memcg
-from stress.world import ROLES, Swarm, shrink_children
+from stress.world import ROLES, Entry, Swarm, World, shrink_children, teardown
 
 
 def quiet_set(s: Swarm, phase: int, roles: list[str]) -> set[str]:
@@ -60,11 +63,6 @@ def test_the_shrinker_shrinks_the_children_of_online_memcgs_only(
 def test_teardown_removes_a_memcg_that_used_the_cache_and_no_other() -> None:
     """Before an accounted cache's destroy, a memcg with a child of it goes offline (the
     "destroy after rmdir" of a264df74df38); a memcg without one is left alone."""
-    import random
-    from collections import Counter
-
-    from stress.world import Entry, World, teardown
-
     with Kernel() as k:
         sl, mc = k.slab, k.memcg
         a = sl.kmem_cache_create("a", 192, flags=SLAB_ACCOUNT)
