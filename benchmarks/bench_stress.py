@@ -49,8 +49,9 @@ def scaling(dur: float) -> None:
     """64 vs 8 threads with default flags, then with --perturb off: with the window sleeps on,
     the 8-thread run's lone root churner and RCU writer are bound by their sleeps, not by
     the GIL, so its mix shifts to cheap ops (more ops per second for less work); without
-    them both runs are GIL-bound on the same mix. The per-kind rates show the shift."""
-    for extra in ((), ("--perturb", "off")):
+    them both runs are GIL-bound on the same mix. The per-kind rates show the shift. Last
+    with --run-queue: at most --cpus (4) drivers run at a time, the rest wait off the GIL."""
+    for extra in ((), ("--perturb", "off"), ("--run-queue",)):
         r64 = stress("--threads", "64", "--duration", str(dur), "--seed", "2", *extra)
         r8 = stress("--threads", "8", "--duration", str(dur), "--seed", "2", *extra)
         flags = " ".join(extra) or "default flags"
@@ -87,9 +88,11 @@ def rss(total: float) -> None:
           f"{(b - a) / a * 100:+.1f} % [target <= 10 %]")
 
 
-def detect(seeds: int, limit: float, perturbs: list[str], only: list[str]) -> None:
+def detect(seeds: int, limit: float, perturbs: list[str], only: list[str],
+           flags: list[str]) -> None:
     print(f"\ntime to detect each catalog bug (switched on alone on the fixed preset), "
-          f"{seeds} seeds, --fail-fast, limit {limit:.0f} s:")
+          f"{seeds} seeds, --fail-fast, limit {limit:.0f} s{', ' if flags else ''}"
+          f"{' '.join(flags)}:")
     print(f"{'bug':<44}{'perturb':<9}{'median':>8}{'max':>8}  found  kinds")
     for bug in CATALOG:
         if only and bug.name not in only:
@@ -101,7 +104,7 @@ def detect(seeds: int, limit: float, perturbs: list[str], only: list[str]) -> No
             for seed in range(seeds):
                 out = stress("--threads", "64", "--duration", str(dur), "--fail-fast",
                              "--seed", str(100 + seed), "--bug", bug.name,
-                             "--perturb", perturb, timeout=limit + 120)
+                             "--perturb", perturb, *flags, timeout=limit + 120)
                 fs = out["findings"]
                 if fs:
                     found += 1
@@ -143,6 +146,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per bug (detect)")
     ap.add_argument("--limit", type=float, default=60.0, help="seconds per run (detect)")
     ap.add_argument("--perturb", default=None, help="comma-separated --perturb levels (detect)")
+    ap.add_argument("--flags", default="", help="more stress flags for detect, e.g. --run-queue")
     a = ap.parse_args()
     parts = set(a.only.split(","))
     dur = 5.0 if a.quick else 10.0
@@ -157,7 +161,7 @@ def main() -> None:
         levels = a.perturb.split(",") if a.perturb else (
             ["light"] if a.quick else ["light", "off", "heavy"])
         detect(a.seeds or (3 if a.quick else 5), a.limit, levels,
-               [b for b in a.bugs.split(",") if b])
+               [b for b in a.bugs.split(",") if b], a.flags.split())
     if "presets" in parts:
         presets(2 if a.quick else 3, 15.0 if a.quick else 30.0)
     print(f"\n(total {time.monotonic() - t:.0f} s)")

@@ -25,6 +25,7 @@ from kmemcg.core.findings import FindingLog
 from kmemcg.core.instrument import Breakpoints, Dispatcher, Instrument
 from kmemcg.core.kasan import Kasan
 from kmemcg.core.report import banner, held_locks
+from kmemcg.core.sched import RunQueue
 from kmemcg.core.stacks import StackDepot, format_stack
 from kmemcg.core.task import KernelTornDown, KThread, Task, TaskRegistry
 from kmemcg.core.wait import WaitTracker
@@ -88,6 +89,8 @@ class Kernel:
         self._instruments: list[Instrument] = []
         self._dispatch: Dispatcher | None = None  # None = no instrument: call sites skip
         self._breakpoints: Breakpoints | None = None
+        # At most that many tasks run at once (kmemcg.core.sched); None: every thread runs.
+        self.rq: RunQueue | None = None
         self.lockdep = Lockdep(self, enabled=lockdep)
         self._ld: Lockdep | None = self.lockdep if lockdep else None
         self.lock_stat = lock_stat
@@ -224,6 +227,15 @@ class Kernel:
         d = self._dispatch
         if d is not None:
             d(point, self.current(), obj)
+
+    def schedule_timeout(self, task: Task, seconds: float) -> None:
+        """schedule_timeout_uninterruptible(): sleep ``seconds``, off the run queue's CPU."""
+        rq = self.rq
+        if rq is None:
+            time.sleep(seconds)
+            return
+        with rq.off_cpu(task):
+            time.sleep(seconds)
 
     def window(self, name: str) -> None:
         """A named race window of the model (e.g. ``"kmem_cache_destroy:unlocked"``): where a

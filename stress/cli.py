@@ -20,6 +20,7 @@ from kmemcg.catalog import listing as bug_listing
 from kmemcg.config import PRESETS, Config, ConfigError
 from kmemcg.core import findings as F
 from kmemcg.core.instrument import Perturb
+from kmemcg.core.sched import RunQueue
 from stress import reporting
 from stress.args import Parser, UsageError
 from stress.cleanup import cleanup, start_leak_scanner
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hotplug", default=None, metavar="DESIGN",
                    help="CPU hotplug lock design, overriding the preset's (2012, percpu_rwsem)")
     p.add_argument("--cpus", type=int, default=4, help="simulated CPUs (default 4)")
+    p.add_argument("--run-queue", action="store_true",
+                   help="run at most --cpus driver threads at a time, as a kernel on --cpus CPUs "
+                        "(fewer GIL fights with many threads)")
     p.add_argument("--workload", default="default",
                    help="role mix of the driver threads (default; see --list-workloads)")
     p.add_argument("--mix", default=None, metavar="ROLE=W,...",
@@ -159,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         k = Kernel(name="stress", config=args.config, lockdep=not args.no_lockdep,
                    kasan=not args.no_kasan, lock_stat=args.lock_stat, cpus=args.cpus,
                    hung_task_timeout=args.hung_timeout)
+        if args.run_queue:
+            k.rq = RunQueue(args.cpus)
         perturb = Perturb(seed, **PERTURB[args.perturb]) if PERTURB[args.perturb] else None
         if perturb is not None:
             k.add_instrument(perturb)
@@ -236,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
                           workload=args.workload)
     s["roles"] = dict(Counter(roles))
     s["leak_check"] = leak_check
+    if k.rq is not None:
+        s["run_queue"] = k.rq.stats()
     if stuck:
         s["stuck_threads"] = stuck
     if args.report:

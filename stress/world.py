@@ -79,12 +79,33 @@ class Entry:
     keep_until: float = 0.0  # time.monotonic() before which the owner does not destroy it
 
 
+class DriverLock:
+    """The drivers' own bookkeeping lock, held like a spinlock: its holder keeps its CPU
+    (kmemcg.core.sched) even if a model call made under it sleeps in a race window, so the
+    tasks that wait for it, which keep theirs, never wait for a holder that has none."""
+
+    def __init__(self, k: Kernel) -> None:
+        self._k = k
+        self._raw = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._raw.acquire()
+        if self._k.rq is not None:
+            self._k.rq.preempt_disable(self._k.current())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._k.rq is not None:
+            self._k.rq.preempt_enable(self._k.current())
+        self._raw.release()
+
+
 class World:
     def __init__(self, k: Kernel, seed: int, swarm: float = 0.0) -> None:
         self.k = k
         self.seed = seed
         self.swarm = Swarm(seed, swarm)
-        self.lock = threading.Lock()
+        # a plain lock unless a run queue needs to know who holds it (DriverLock)
+        self.lock = DriverLock(k) if k.rq is not None else threading.Lock()
         self.entries: list[Entry] = []
         self.memcgs: list[Any] = []  # online, kmem-active memcgs drivers may move into
         self.retiring: list[Any] = []  # taken out of ``memcgs``: offlined once empty
@@ -100,6 +121,15 @@ class World:
         self.charged: dict[int, list[tuple[Entry, Any]]] = {}
         self.charged_cpus: dict[int, set[int]] = {}  # the CPUs the kept objects came from
         self.drain: list[tuple[float, list[tuple[Entry, Any]]]] = []  # (due, kept objects)
+
+    def nap(self, seconds: float) -> bool:
+        """A driver's pause inside an operation (msleep): off the CPU, so that whoever it
+        waits for can run (kmemcg.core.sched). True if the run is stopping."""
+        rq = self.k.rq
+        if rq is None:
+            return self.stop.wait(seconds)
+        with rq.off_cpu(self.k.current()):
+            return self.stop.wait(seconds)
 
     # -- the owner protocol ------------------------------------------------------------------
     def grab(self, rng: random.Random, typesafe: bool | None = None,
@@ -127,7 +157,7 @@ class World:
                 if e.users == 0:
                     self.entries.remove(e)
                     return True
-            if self.stop.wait(0.001):
+            if self.nap(0.001):
                 break
         return False
 
@@ -509,7 +539,7 @@ def burst(w: World, ops: Counter) -> None:
             if len(recent) >= HOT_MEMCGS and len(mc._ids) + 1 >= mc.nr_cache_ids:
                 with w.lock:
                     w.hot = [m for m in recent[-HOT_MEMCGS:] if m in w.memcgs]
-                w.stop.wait(HOT_LEAD)
+                w.nap(HOT_LEAD)
             m = mc.create(f"burst{ops['memcg_create']}")
             mc.memcg_activate_kmem(m)
             with w.lock:
@@ -517,7 +547,7 @@ def burst(w: World, ops: Counter) -> None:
             recent.append(m)
             ops["memcg_create"] += 1
         if w.hot:
-            w.stop.wait(HOT_LEAD)  # the creations run on while the new arrays fill
+            w.nap(HOT_LEAD)  # the creations run on while the new arrays fill
     finally:
         with w.lock:
             w.hot = []
@@ -576,7 +606,7 @@ def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
         with w.lock:
             w.memcgs.append(m)
         ops["memcg_create"] += 1
-    w.stop.wait(0.002)
+    w.nap(0.002)
 
 
 CHILD_SHRINK = 0.5  # share of shrinker steps that shrink a root's children (online memcgs)
@@ -594,7 +624,7 @@ def op_shrinker(w: World, rng: random.Random, ops: Counter) -> None:
         ops["cache_shrink"] += 1
     finally:
         w.put(e)
-    w.stop.wait(0.002)
+    w.nap(0.002)
 
 
 def shrink_children(w: World, root: Any) -> None:
@@ -621,12 +651,12 @@ def op_hotplug(w: World, rng: random.Random, ops: Counter) -> None:
     hp = w.k.hotplug
     cpu = rng.randrange(1, hp.nr_cpus) if hp.nr_cpus > 1 else 0
     if cpu == 0:
-        w.stop.wait(0.01)
+        w.nap(0.01)
         return
     rc = hp.cpu_down(cpu) if hp.cpu_online(cpu) else hp.cpu_up(cpu)
     if rc == 0:
         ops["cpu_hotplug"] += 1
-    w.stop.wait(0.002)
+    w.nap(0.002)
 
 
 ROLES: dict[str, Op] = {
@@ -675,15 +705,25 @@ def run_role(w: World, role: str, rng: random.Random, ops: Counter) -> None:
     """A driver thread's loop. An oops (KASAN) ends the operation, not the driver, as the
     kernel goes on after an oops in one task; it is counted."""
     op = ROLES[role]
+    task = w.k.current()
     with w.lock:
-        w.tasks.append(w.k.current())
-    while not w.stop.is_set():
-        if w.swarm.quiet(role):
-            leave_retiring(w)
-            w.stop.wait(0.02)
-            continue
-        try:
-            op(w, rng, ops)
-            leave_retiring(w)
-        except KasanOops:
-            ops["oops"] += 1
+        w.tasks.append(task)
+    rq = w.k.rq
+    try:
+        while not w.stop.is_set():
+            if w.swarm.quiet(role):
+                leave_retiring(w)
+                if rq is not None:
+                    rq.give(task)  # idle: off the CPU
+                w.stop.wait(0.02)
+                continue
+            if rq is not None:
+                rq.cond_resched(task)  # a scheduling point between two operations
+            try:
+                op(w, rng, ops)
+                leave_retiring(w)
+            except KasanOops:
+                ops["oops"] += 1
+    finally:
+        if rq is not None:
+            rq.give(task)

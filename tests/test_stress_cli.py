@@ -68,6 +68,24 @@ def test_fixed_kernel_with_64_threads_has_no_finding(capsys):
         assert key in out
 
 
+def test_run_queue_keeps_drivers_to_the_cpus_and_the_fixed_kernel_clean(capsys):
+    code = main(["--threads", "32", "--duration", "3", "--json", "--quiet", "--seed", "7",
+                 "--run-queue", "--cpus", "2"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["findings"] == [], [f["title"] for f in out["findings"]]
+    assert code == 0
+    rq = out["run_queue"]
+    assert rq["nr_cpus"] == 2 and rq["waits"] > 0  # 32 drivers queued for 2 CPUs
+
+
+def test_run_queue_still_finds_a_catalog_bug(capsys):
+    code = main(["--threads", "32", "--duration", "20", "--json", "--quiet", "--seed", "3",
+                 "--run-queue", "--fail-fast", "--bug", "put_online_cpus_imbalance"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert {f["kind"] for f in out["findings"]} == {"bad_unlock_balance"}
+
+
 def test_v36_reports_the_2012_inversion_and_writes_the_report(tmp_path, capsys):
     rep = tmp_path / "rep"
     code = main(["--threads", "16", "--duration", "2", "--kernel", "v3.6",

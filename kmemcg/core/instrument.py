@@ -345,7 +345,7 @@ class Perturb(Instrument):
             if want <= 0:
                 return
             self._serial[key] = (ph, spent + want)
-        time.sleep(want)
+        task.kernel.schedule_timeout(task, want)
 
     def _rng(self, task: Task) -> random.Random:
         rng = task.extra.get("perturb_rng")
@@ -360,4 +360,4 @@ class Perturb(Instrument):
 
     def _sleep(self, task: Task, prob: float, longest: float) -> None:
         if d := self._draw(task, prob, longest):
-            time.sleep(d)
+            task.kernel.schedule_timeout(task, d)

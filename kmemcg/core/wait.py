@@ -52,6 +52,9 @@ class WaitTracker:
             task.blocked_since = time.monotonic()
             task.blocked_owned = owned
         last: tuple | None = None
+        rq = k.rq
+        # A sleeper runs on no CPU (kmemcg.core.sched); it queues for one when it wakes.
+        rq = rq if rq is not None and rq.give(task) else None
         try:
             while not try_once(POLL_S):
                 k.check_alive()
@@ -62,6 +65,8 @@ class WaitTracker:
         finally:
             with self._lock:
                 task.blocked_on = None
+            if rq is not None:
+                rq.take(task, woken=True)
 
     def _find_cycle(self, start: Task) -> tuple | None:
         """Follow the wait-for chain from ``start``; the cycle through it, or None."""
