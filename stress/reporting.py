@@ -103,6 +103,11 @@ def human_summary(s: dict[str, Any]) -> str:
         out.append(f"\nrcu: {r['grace_periods']} grace periods for {r['sync_calls']} "
                    f"synchronize_rcu() calls, {r['barriers']} rcu_barrier(), "
                    f"{r['callbacks_invoked']}/{r['callbacks_queued']} callbacks run\n")
+    rq = s.get("run_queue")
+    if rq is not None:
+        out.append(f"\nrun queue: {rq['nr_cpus']} CPUs, {rq['switches']} CPUs taken, "
+                   f"{rq['waits']} after a wait ({rq['wait_s']:.1f} s in all), "
+                   f"{rq['overruns']} ran without one after the timeout\n")
     lc = s.get("leak_check")
     if lc is not None:
         out.append(f"\nleak check: {lc['leaks']} leak(s) in {lc['seconds']:.2f} s\n"

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from stress.cli import main
+from stress.reporting import human_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +77,7 @@ def test_run_queue_keeps_drivers_to_the_cpus_and_the_fixed_kernel_clean(capsys):
     assert code == 0
     rq = out["run_queue"]
     assert rq["nr_cpus"] == 2 and rq["waits"] > 0  # 32 drivers queued for 2 CPUs
+    assert "run queue: 2 CPUs" in human_summary(out)
 
 
 def test_run_queue_still_finds_a_catalog_bug(capsys):

@@ -483,7 +483,7 @@ def test_rare_windows_off_by_default(kernel, monkeypatch) -> None:
 
 
 def test_an_rcu_callback_names_focused_sleeps_stay_within_a_fifth_of_each_phase(
-        monkeypatch) -> None:
+        kernel, monkeypatch) -> None:
     """One thread runs every RCU callback: the focused sleeps of one callback name are capped
     per phase, so it delays the queue behind it by at most a fifth of the phase."""
     from kmemcg.core import instrument
@@ -494,7 +494,7 @@ def test_an_rcu_callback_names_focused_sleeps_stay_within_a_fifth_of_each_phase(
     p = Perturb(3, prob=0.0, longest=0.0, focus=1.0, focus_prob=1.0, focus_longest=0.05,
                 phase=0.5)
     task = Task.__new__(Task)
-    task.pid, task.extra = 1, {}
+    task.kernel, task.pid, task.extra = kernel, 1, {}  # sleeps go through its kernel
     for _ in range(50):
         p.on_event("rcu_callback", "cb", task, None)
     assert 0.09 < sum(slept) <= 0.1 + 1e-9  # the budget: 0.2 x 0.5 s, spent
