@@ -40,6 +40,7 @@ from typing import Any
 from kmemcg import Kernel
 from kmemcg.core.instrument import phase_draw
 from kmemcg.core.kasan import KasanOops
+from kmemcg.core.sched import RunQueue
 from kmemcg.mm.slub import SLAB_ACCOUNT, SLAB_HWCACHE_ALIGN, SLAB_TYPESAFE_BY_RCU
 from kmemcg.mm.typesafe import TypesafeTable, typesafe_delete, typesafe_insert, typesafe_lookup
 
@@ -80,22 +81,22 @@ class Entry:
 
 
 class DriverLock:
-    """The drivers' own bookkeeping lock, held like a spinlock: its holder keeps its CPU
-    (kmemcg.core.sched) even if a model call made under it sleeps in a race window, so the
-    tasks that wait for it, which keep theirs, never wait for a holder that has none."""
+    """The drivers' own bookkeeping lock when a run queue is on, held like a spinlock: its
+    holder keeps its CPU (kmemcg.core.sched) even if a model call made under it sleeps in a
+    race window, so the tasks that wait for it, which keep theirs, never wait for a holder
+    that has none."""
 
-    def __init__(self, k: Kernel) -> None:
+    def __init__(self, k: Kernel, rq: RunQueue) -> None:
         self._k = k
+        self._rq = rq
         self._raw = threading.Lock()
 
     def __enter__(self) -> None:
         self._raw.acquire()
-        if self._k.rq is not None:
-            self._k.rq.preempt_disable(self._k.current())
+        self._rq.preempt_disable(self._k.current())
 
     def __exit__(self, *exc: object) -> None:
-        if self._k.rq is not None:
-            self._k.rq.preempt_enable(self._k.current())
+        self._rq.preempt_enable(self._k.current())
         self._raw.release()
 
 
@@ -105,7 +106,7 @@ class World:
         self.seed = seed
         self.swarm = Swarm(seed, swarm)
         # a plain lock unless a run queue needs to know who holds it (DriverLock)
-        self.lock = DriverLock(k) if k.rq is not None else threading.Lock()
+        self.lock = DriverLock(k, k.rq) if k.rq is not None else threading.Lock()
         self.entries: list[Entry] = []
         self.memcgs: list[Any] = []  # online, kmem-active memcgs drivers may move into
         self.retiring: list[Any] = []  # taken out of ``memcgs``: offlined once empty

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from kmemcg.core import findings as F
@@ -52,21 +53,19 @@ class WaitTracker:
             task.blocked_since = time.monotonic()
             task.blocked_owned = owned
         last: tuple | None = None
-        rq = k.rq
         # A sleeper runs on no CPU (kmemcg.core.sched); it queues for one when it wakes.
-        rq = rq if rq is not None and rq.give(task) else None
-        try:
-            while not try_once(POLL_S):
-                k.check_alive()
-                cycle = self._find_cycle(task)
-                if cycle is not None and cycle == last:
-                    self._report(cycle)
-                last = cycle
-        finally:
-            with self._lock:
-                task.blocked_on = None
-            if rq is not None:
-                rq.take(task, woken=True)
+        off_cpu = k.rq.off_cpu(task) if k.rq is not None else nullcontext()
+        with off_cpu:
+            try:
+                while not try_once(POLL_S):
+                    k.check_alive()
+                    cycle = self._find_cycle(task)
+                    if cycle is not None and cycle == last:
+                        self._report(cycle)
+                    last = cycle
+            finally:
+                with self._lock:
+                    task.blocked_on = None
 
     def _find_cycle(self, start: Task) -> tuple | None:
         """Follow the wait-for chain from ``start``; the cycle through it, or None."""
