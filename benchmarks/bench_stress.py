@@ -118,18 +118,20 @@ def detect(seeds: int, limit: float, perturbs: list[str], only: list[str],
                   f"  {', '.join(sorted(kinds))}")
 
 
-def presets(seeds: int, dur: float) -> None:
-    """Each preset, default flags: the finding kinds it shows against the detectors of the
-    bugs it documents (a kind outside them would be a bug the preset does not document)."""
+def presets(seeds: int, dur: float, flags: list[str]) -> None:
+    """Each preset, default flags (plus ``flags``): the finding kinds it shows against the
+    detectors of the bugs it documents (a kind outside them would be a bug the preset does not
+    document)."""
     from kmemcg.config import PRESETS
-    print(f"\npresets, 64 threads, {seeds} seeds x {dur:.0f} s (no --fail-fast):")
+    print(f"\npresets, 64 threads, {seeds} seeds x {dur:.0f} s (no --fail-fast)"
+          f"{', ' if flags else ''}{' '.join(flags)}:")
     print(f"{'preset':<16}{'bugs':<6}{'first finding':>14}  kinds seen / outside the documented")
     for name, p in PRESETS.items():
         expected = {d for b in CATALOG if b.name in p.bugs for d in b.detector}
         seen, firsts = set(), []
         for seed in range(seeds):
             out = stress("--threads", "64", "--duration", str(dur), "--kernel", name,
-                         "--seed", str(200 + seed), timeout=dur + 120)
+                         "--seed", str(200 + seed), *flags, timeout=dur + 120)
             fs = out["findings"]
             seen |= {f["kind"] for f in fs}
             firsts.append(min((f["first_seen_s"] for f in fs), default=float("inf")))
@@ -146,7 +148,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per bug (detect)")
     ap.add_argument("--limit", type=float, default=60.0, help="seconds per run (detect)")
     ap.add_argument("--perturb", default=None, help="comma-separated --perturb levels (detect)")
-    ap.add_argument("--flags", default="", help="more stress flags for detect, e.g. --run-queue")
+    ap.add_argument("--flags", default="",
+                    help="more stress flags for detect and presets, e.g. --run-queue")
     a = ap.parse_args()
     parts = set(a.only.split(","))
     dur = 5.0 if a.quick else 10.0
@@ -163,7 +166,7 @@ def main() -> None:
         detect(a.seeds or (3 if a.quick else 5), a.limit, levels,
                [b for b in a.bugs.split(",") if b], a.flags.split())
     if "presets" in parts:
-        presets(2 if a.quick else 3, 15.0 if a.quick else 30.0)
+        presets(2 if a.quick else 3, 15.0 if a.quick else 30.0, a.flags.split())
     print(f"\n(total {time.monotonic() - t:.0f} s)")
 
 
