@@ -14,6 +14,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from loguru import logger
@@ -228,13 +229,14 @@ class Kernel:
         if d is not None:
             d(point, self.current(), obj)
 
+    def off_cpu(self, task: Task) -> AbstractContextManager[None]:
+        """Around a sleep of ``task``: off its run-queue CPU meanwhile (kmemcg.core.sched), if
+        the kernel has a run queue."""
+        return self.rq.off_cpu(task) if self.rq is not None else nullcontext()
+
     def schedule_timeout(self, task: Task, seconds: float) -> None:
         """schedule_timeout_uninterruptible(): sleep ``seconds``, off the run queue's CPU."""
-        rq = self.rq
-        if rq is None:
-            time.sleep(seconds)
-            return
-        with rq.off_cpu(task):
+        with self.off_cpu(task):
             time.sleep(seconds)
 
     def window(self, name: str) -> None:

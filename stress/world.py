@@ -126,10 +126,7 @@ class World:
     def nap(self, seconds: float) -> bool:
         """A driver's pause inside an operation (msleep): off the CPU, so that whoever it
         waits for can run (kmemcg.core.sched). True if the run is stopping."""
-        rq = self.k.rq
-        if rq is None:
-            return self.stop.wait(seconds)
-        with rq.off_cpu(self.k.current()):
+        with self.k.off_cpu(self.k.current()):
             return self.stop.wait(seconds)
 
     # -- the owner protocol ------------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from kmemcg.core import findings as F
@@ -54,8 +53,7 @@ class WaitTracker:
             task.blocked_owned = owned
         last: tuple | None = None
         # A sleeper runs on no CPU (kmemcg.core.sched); it queues for one when it wakes.
-        off_cpu = k.rq.off_cpu(task) if k.rq is not None else nullcontext()
-        with off_cpu:
+        with k.off_cpu(task):
             try:
                 while not try_once(POLL_S):
                     k.check_alive()
