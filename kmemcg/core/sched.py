@@ -72,13 +72,19 @@ class RunQueue:
         self.overruns = 0  # waits that gave up after ``timeout`` and ran anyway
         self.wait_s = 0.0  # total time spent queued
 
+    def _waiting(self) -> bool:
+        """Anyone queued for a CPU (an unlocked peek outside ``_lock``: deque truth tests are
+        single reads)."""
+        return bool(self._woken or self._new)
+
     def take(self, task: Task, woken: bool = False) -> None:
-        """Wait for a CPU (at the front of the queue if ``woken``), then run on it."""
+        """Wait for a CPU (in the woken sleepers' queue, served first, if ``woken``), then run
+        on it."""
         if task.extra.get(_ON_CPU):
             return
         with self._lock:
             self.switches += 1
-            if self._free and not (self._woken or self._new):
+            if self._free and not self._waiting():
                 self._free -= 1
                 task.extra[_ON_CPU] = True
                 task.extra[_SLICE] = time.monotonic()
@@ -130,7 +136,7 @@ class RunQueue:
         """cond_resched() between two operations of a driver task: take a CPU if it has none;
         give it up for the next in line if its time slice is used up and someone waits."""
         if task.extra.get(_ON_CPU):
-            if not (self._woken or self._new) or time.monotonic() - task.extra[_SLICE] < self.slice:
+            if not self._waiting() or time.monotonic() - task.extra[_SLICE] < self.slice:
                 return  # unlocked peek: a waiter that just came waits one more operation
             self.give(task)
         self.take(task)
