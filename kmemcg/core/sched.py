@@ -20,6 +20,14 @@ How it maps to the model:
   others wait for (CFS favours woken sleepers for the same reason). Woken sleepers and new
   operations queue apart, each first come first served; a CPU is handed to the oldest waiter,
   never grabbed by the task that just gave one back.
+- A woken task that holds a lock (lockdep's held-lock list: a mutex, an rwsem, an RCU read
+  section) does not queue at all: it *preempts*, as CFS's wakeup preemption lets a woken
+  sleeper run at once. The model cannot stop the task it would preempt in mid-operation, so it
+  runs one task over ``nr_cpus`` instead, and the next CPU given back pays that debt rather
+  than going to a waiter. Without it a mutex holder waits behind every woken task for each of
+  its sleeps, and everyone behind the mutex waits with it: with 60 drivers on 4 CPUs the memcg
+  creation works piled up behind memcg_cache_mutex for over 10 s (hung tasks, BENCHMARKS.md).
+  Without lockdep no task is known to hold a lock, and none preempts.
 - ``preempt_disable()`` keeps a task's CPU through its sleeps: the stress drivers' own lock is
   held that way, like a spinlock, because the tasks that wait for it keep their CPUs too.
 
@@ -70,6 +78,7 @@ class RunQueue:
         self.switches = 0  # CPUs taken
         self.waits = 0  # takes that had to queue
         self.overruns = 0  # waits that gave up after ``timeout`` and ran anyway
+        self.preempts = 0  # woken lock holders that ran at once, one over nr_cpus
         self.wait_s = 0.0  # total time spent queued
 
     def _waiting(self) -> bool:
@@ -77,15 +86,17 @@ class RunQueue:
         single reads)."""
         return bool(self._woken or self._new)
 
-    def take(self, task: Task, woken: bool = False) -> None:
+    def take(self, task: Task, woken: bool = False, preempt: bool = False) -> None:
         """Wait for a CPU (in the woken sleepers' queue, served first, if ``woken``), then run
-        on it."""
+        on it. With ``preempt``, run at once, on credit if no CPU is free."""
         if task.extra.get(_ON_CPU):
             return
         with self._lock:
             self.switches += 1
-            if self._free and not self._waiting():
-                self._free -= 1
+            if preempt or (self._free > 0 and not self._waiting()):
+                if self._free <= 0:
+                    self.preempts += 1
+                self._free -= 1  # below 0: a debt the next give() pays
                 task.extra[_ON_CPU] = True
                 task.extra[_SLICE] = time.monotonic()
                 return
@@ -116,7 +127,7 @@ class RunQueue:
         task.extra[_ON_CPU] = False
         with self._lock:
             queue = self._woken or self._new
-            if queue:
+            if queue and self._free >= 0:
                 queue.popleft().release()  # the CPU passes to it directly
             else:
                 self._free += 1
@@ -143,16 +154,18 @@ class RunQueue:
 
     @contextmanager
     def off_cpu(self, task: Task) -> Iterator[None]:
-        """A sleep: the CPU goes to the next task, and comes back (first in line) after."""
+        """A sleep: the CPU goes to the next task, and comes back (first in line, or at once
+        for a task that holds a lock) after."""
         if not self.give(task):
             yield  # not a queued task (a kworker), or already running without a CPU
             return
         try:
             yield
         finally:
-            self.take(task, woken=True)
+            self.take(task, woken=True, preempt=bool(task.held))
 
     def stats(self) -> dict[str, float]:
         with self._lock:
             return {"nr_cpus": self.nr_cpus, "switches": self.switches, "waits": self.waits,
-                    "overruns": self.overruns, "wait_s": round(self.wait_s, 3)}
+                    "overruns": self.overruns, "preempts": self.preempts,
+                    "wait_s": round(self.wait_s, 3)}

@@ -146,6 +146,59 @@ def test_a_woken_sleeper_goes_before_new_work(kernel: Kernel) -> None:
     assert order == ["sleeper", "newcomer"]
 
 
+def test_a_woken_lock_holder_preempts_and_the_next_give_pays_for_it(kernel: Kernel) -> None:
+    """One CPU. The holder of m sleeps and its CPU goes to "other"; woken, the holder runs at
+    once beside "other" (wakeup preemption) instead of queueing behind it. The CPU it gives
+    back then pays that debt: "late", queued meanwhile, runs only once "other" gives up its
+    CPU too."""
+    rq = kernel.rq = RunQueue(1, timeout=5.0)
+    m = kernel.mutex("m")
+    sleeping, other_on, back_on = threading.Event(), threading.Event(), threading.Event()
+    late_queued, holder_gave, late_ran = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def holder() -> None:
+        task = kernel.current()
+        rq.take(task)
+        with m:
+            with rq.off_cpu(task):
+                sleeping.set()
+                other_on.wait(5)
+            back_on.set()  # on a CPU again while "other" still holds the only one
+            late_queued.wait(5)
+        rq.give(task)
+        holder_gave.set()
+
+    def other() -> None:
+        task = kernel.current()
+        sleeping.wait(5)
+        rq.take(task)
+        other_on.set()
+        seen["holder back before other gave"] = back_on.wait(2)
+        late_t = start(kernel, late, "late")
+        while not rq._new:
+            time.sleep(0.001)
+        late_queued.set()
+        holder_gave.wait(5)
+        time.sleep(0.05)
+        seen["late ran on the holder's CPU"] = late_ran.is_set()
+        rq.give(task)
+        late_t.join(5)
+
+    def late() -> None:
+        task = kernel.current()
+        rq.take(task)
+        late_ran.set()
+        rq.give(task)
+
+    th, to = start(kernel, holder, "holder"), start(kernel, other, "other")
+    th.join(10)
+    to.join(10)
+    assert seen == {"holder back before other gave": True, "late ran on the holder's CPU": False}
+    assert late_ran.is_set()
+    assert (rq.preempts, rq.overruns) == (1, 0)
+
+
 def test_cond_resched_yields_only_when_the_slice_is_up_and_someone_waits(
         kernel: Kernel) -> None:
     rq = kernel.rq = RunQueue(1, slice=0.05, timeout=5.0)
