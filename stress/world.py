@@ -494,7 +494,6 @@ def op_rcu_writer(w: World, rng: random.Random, ops: Counter) -> None:
 MAX_MEMCGS = 6
 BURST_PROB = 0.01  # per cgroup-churn step
 BURST_MAX = 200  # live memcgs a burst may bring the pool to
-BURST_IDS = 6142  # array size (kmemcg ids) bursts stop at: 10 relocations from 4 (3.13 sizes)
 HOT_MEMCGS = 3  # burst memcgs allocators crowd into before a relocation
 HOT_LEAD = 0.02  # seconds they do so before the relocation (and after it)
 
@@ -516,10 +515,8 @@ def burst(w: World, ops: Counter) -> None:
     """Create kmem-active memcgs until the kmemcg ids outgrow the root caches' memcg_caches
     arrays, so they are relocated (memcg_update_all_caches) while creations run: the arrays
     only ever grow, so without bursts a run relocates them a few times during warm-up only
-    (the 3.13 races of catalog bugs 7 and 13 live there). Up to BURST_MAX live memcgs join
-    the pool and are retired one by one as usual; the rest only fill the id space, as a
-    burst of short-lived cgroups does (transient units), and go offline at the burst's end.
-    Each burst takes the arrays one size up, to BURST_IDS ids at most.
+    (the 3.13 races of catalog bugs 7 and 13 live there). Bounded by BURST_MAX live memcgs;
+    the new memcgs join the pool and are retired one by one as usual.
 
     Before the activation that will relocate, the last few memcgs are made *hot* for a few
     milliseconds: allocators crowd into them and allocate from the accounted roots, so
@@ -527,40 +524,31 @@ def burst(w: World, ops: Counter) -> None:
     slab_mutex between two of them (bug 7: the second checks the slot in the new, still
     empty array while the first's child waits in the old one to be copied)."""
     mc = w.k.memcg
-    before = mc.nr_cache_ids
-    if before >= BURST_IDS:
-        return
     with w.lock:
         room = BURST_MAX - len(w.memcgs) - len(w.retiring)
+    before = mc.nr_cache_ids
     recent: list[Any] = []
-    transient: list[Any] = []
     try:
-        while not w.stop.is_set() and mc.nr_cache_ids == before:
+        for _ in range(max(0, room)):
+            if w.stop.is_set() or mc.nr_cache_ids != before:
+                break
             # the next activation relocates when every id below nr_cache_ids is taken (an
             # unlocked peek at the id allocator: only a hint for when to heat up)
-            near = len(mc._ids) + HOT_MEMCGS + 1 >= mc.nr_cache_ids
             if len(recent) >= HOT_MEMCGS and len(mc._ids) + 1 >= mc.nr_cache_ids:
                 with w.lock:
                     w.hot = [m for m in recent[-HOT_MEMCGS:] if m in w.memcgs]
                 w.nap(HOT_LEAD)
             m = mc.create(f"burst{ops['memcg_create']}")
             mc.memcg_activate_kmem(m)
+            with w.lock:
+                w.memcgs.append(m)
+            recent.append(m)
             ops["memcg_create"] += 1
-            if near or room > 0:  # the hot ones always: allocators move into them
-                room -= 1
-                with w.lock:
-                    w.memcgs.append(m)
-                recent.append(m)
-            else:
-                transient.append(m)  # no driver knows it: nobody moves in
         if w.hot:
             w.nap(HOT_LEAD)  # the creations run on while the new arrays fill
     finally:
         with w.lock:
             w.hot = []
-        for m in transient:
-            if mc.offline(m) == 0:
-                ops["memcg_offline"] += 1
 
 
 def rmdir(w: World, m: Any, rng: random.Random, ops: Counter, evicting: bool) -> None:
