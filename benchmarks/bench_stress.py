@@ -46,12 +46,12 @@ def throughput(dur: float) -> None:
 
 
 def scaling(dur: float) -> None:
-    """64 vs 8 threads with default flags (the run queue on: at most --cpus (4) driver
-    operations start at a time, the rest wait off the GIL), then with --perturb off, then
-    with --no-run-queue: every driver thread fights for the GIL, and with the window sleeps
-    on the 8-thread run's lone root churner and RCU writer are bound by their sleeps, so its
-    mix shifts to cheap ops. The per-kind rates show the shift."""
-    for extra in ((), ("--perturb", "off"), ("--no-run-queue",)):
+    """64 vs 8 threads with default flags, then with --perturb off: with the window sleeps on,
+    the 8-thread run's lone root churner and RCU writer are bound by their sleeps, not by
+    the GIL, so its mix shifts to cheap ops (more ops per second for less work); without
+    them both runs are GIL-bound on the same mix. The per-kind rates show the shift. Last
+    with --run-queue: at most --cpus (4) drivers run at a time, the rest wait off the GIL."""
+    for extra in ((), ("--perturb", "off"), ("--run-queue",)):
         r64 = stress("--threads", "64", "--duration", str(dur), "--seed", "2", *extra)
         r8 = stress("--threads", "8", "--duration", str(dur), "--seed", "2", *extra)
         flags = " ".join(extra) or "default flags"
@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--limit", type=float, default=60.0, help="seconds per run (detect)")
     ap.add_argument("--perturb", default=None, help="comma-separated --perturb levels (detect)")
     ap.add_argument("--flags", default="",
-                    help="more stress flags for detect and presets, e.g. --no-run-queue")
+                    help="more stress flags for detect and presets, e.g. --run-queue")
     a = ap.parse_args()
     parts = set(a.only.split(","))
     dur = 5.0 if a.quick else 10.0

@@ -69,9 +69,9 @@ def test_fixed_kernel_with_64_threads_has_no_finding(capsys):
         assert key in out
 
 
-def test_run_queue_is_on_by_default_keeps_drivers_to_the_cpus_and_fixed_clean(capsys):
+def test_run_queue_keeps_drivers_to_the_cpus_and_the_fixed_kernel_clean(capsys):
     code = main(["--threads", "32", "--duration", "3", "--json", "--quiet", "--seed", "7",
-                 "--cpus", "2"])
+                 "--run-queue", "--cpus", "2"])
     out = json.loads(capsys.readouterr().out)
     assert out["findings"] == [], [f["title"] for f in out["findings"]]
     assert code == 0
@@ -80,12 +80,11 @@ def test_run_queue_is_on_by_default_keeps_drivers_to_the_cpus_and_fixed_clean(ca
     assert "run queue: 2 CPUs" in human_summary(out)
 
 
-def test_without_the_run_queue_a_catalog_bug_is_still_found(capsys):
+def test_run_queue_still_finds_a_catalog_bug(capsys):
     code = main(["--threads", "32", "--duration", "20", "--json", "--quiet", "--seed", "3",
-                 "--no-run-queue", "--fail-fast", "--bug", "put_online_cpus_imbalance"])
+                 "--run-queue", "--fail-fast", "--bug", "put_online_cpus_imbalance"])
     out = json.loads(capsys.readouterr().out)
     assert code == 1
-    assert "run_queue" not in out  # no queue was built
     assert {f["kind"] for f in out["findings"]} == {"bad_unlock_balance"}
 
 

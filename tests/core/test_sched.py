@@ -1,6 +1,5 @@
 """The run queue (kmemcg.core.sched): at most nr_cpus tasks on a CPU, sleepers off it, woken
-sleepers preempting on credit, the time slice, and the timeout that keeps a foreign block
-from stalling it."""
+sleepers first, the time slice, and the timeout that keeps a foreign block from stalling it."""
 
 from __future__ import annotations
 
@@ -106,11 +105,52 @@ def test_a_task_blocked_on_a_mutex_is_off_its_cpu(kernel: Kernel) -> None:
     assert time.monotonic() - t0 < 1.5
 
 
-def test_a_woken_sleeper_preempts_and_the_next_give_pays_for_it(kernel: Kernel) -> None:
-    """One CPU. The sleeper (it holds m, as a woken task often does) sleeps and its CPU goes
-    to "other"; woken, it runs at once beside "other" (wakeup preemption) instead of queueing
-    for the CPU. The CPU it gives back then pays that debt: "late", queued meanwhile, runs
-    only once "other" gives up its CPU too."""
+def test_a_woken_sleeper_goes_before_new_work(kernel: Kernel) -> None:
+    rq = kernel.rq = RunQueue(1, timeout=5.0)
+    order: list[str] = []
+    sleeping = threading.Event()
+    queued = threading.Event()
+
+    def sleeper() -> None:
+        task = kernel.current()
+        rq.take(task)
+        with rq.off_cpu(task):  # the CPU goes to "hog"
+            sleeping.set()
+            queued.wait(5)
+        order.append("sleeper")
+        rq.give(task)
+
+    def hog() -> None:
+        task = kernel.current()
+        sleeping.wait(5)
+        rq.take(task)
+        newcomer_t = start(kernel, newcomer, "newcomer")
+        while not rq._new:  # the newcomer queues first ...
+            time.sleep(0.001)
+        queued.set()  # ... then the sleeper wakes and queues behind it
+        while not rq._woken:
+            time.sleep(0.001)
+        rq.give(task)
+        newcomer_t.join(5)
+
+    def newcomer() -> None:
+        task = kernel.current()
+        rq.take(task)
+        order.append("newcomer")
+        rq.give(task)
+
+    ts = start(kernel, sleeper, "sleeper")
+    th = start(kernel, hog, "hog")
+    ts.join(5)
+    th.join(5)
+    assert order == ["sleeper", "newcomer"]
+
+
+def test_a_woken_lock_holder_preempts_and_the_next_give_pays_for_it(kernel: Kernel) -> None:
+    """One CPU. The holder of m sleeps and its CPU goes to "other"; woken, the holder runs at
+    once beside "other" (wakeup preemption) instead of queueing behind it. The CPU it gives
+    back then pays that debt: "late", queued meanwhile, runs only once "other" gives up its
+    CPU too."""
     rq = kernel.rq = RunQueue(1, timeout=5.0)
     m = kernel.mutex("m")
     sleeping, other_on, back_on = threading.Event(), threading.Event(), threading.Event()
@@ -136,7 +176,7 @@ def test_a_woken_sleeper_preempts_and_the_next_give_pays_for_it(kernel: Kernel) 
         other_on.set()
         seen["holder back before other gave"] = back_on.wait(2)
         late_t = start(kernel, late, "late")
-        while not rq._queue:
+        while not rq._new:
             time.sleep(0.001)
         late_queued.set()
         holder_gave.wait(5)
@@ -173,7 +213,7 @@ def test_cond_resched_yields_only_when_the_slice_is_up_and_someone_waits(
         rq.give(t)
 
     th = start(kernel, other, "other")
-    while not rq._queue:
+    while not rq._new:
         time.sleep(0.001)
     rq.cond_resched(task)  # within the slice: keeps the CPU
     assert not got_it.is_set()
