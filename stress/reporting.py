@@ -107,7 +107,7 @@ def human_summary(s: dict[str, Any]) -> str:
     if rq is not None:
         out.append(f"\nrun queue: {rq['nr_cpus']} CPUs, {rq['switches']} CPUs taken, "
                    f"{rq['waits']} after a wait ({rq['wait_s']:.1f} s in all), "
-                   f"{rq['preempts']} woken lock holders ran at once, "
+                   f"{rq['preempts']} woken lock holders ran over the CPUs, "
                    f"{rq['overruns']} ran without one after the timeout\n")
     lc = s.get("leak_check")
     if lc is not None:

@@ -16,10 +16,10 @@ How it maps to the model:
 - Every blocking wait of the model goes through :meth:`WaitTracker.wait`, and every
   perturbation sleep through :meth:`Kernel.schedule_timeout`: both give the CPU up for the
   sleep (``off_cpu()``), so a sleeping task never keeps a waiting one from running.
-- A task coming back from a sleep goes to the *front* of the queue: it may hold a mutex the
-  others wait for (CFS favours woken sleepers for the same reason). Woken sleepers and new
-  operations queue apart, each first come first served; a CPU is handed to the oldest waiter,
-  never grabbed by the task that just gave one back.
+- A task coming back from a sleep goes to the *front* of the queue, as CFS favours woken
+  sleepers over tasks that have been running. Woken sleepers and new operations queue apart,
+  each first come first served; a CPU is handed to the oldest waiter, never grabbed by the
+  task that just gave one back.
 - A woken task that holds a lock (lockdep's held-lock list: a mutex, an rwsem, an RCU read
   section) does not queue at all: it *preempts*, as CFS's wakeup preemption lets a woken
   sleeper run at once. The model cannot stop the task it would preempt in mid-operation, so it
