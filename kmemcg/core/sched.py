@@ -21,13 +21,16 @@ How it maps to the model:
   each first come first served; a CPU is handed to the oldest waiter, never grabbed by the
   task that just gave one back.
 - A woken task that holds a lock (lockdep's held-lock list: a mutex, an rwsem, an RCU read
-  section) does not queue at all: it *preempts*, as CFS's wakeup preemption lets a woken
-  sleeper run at once. The model cannot stop the task it would preempt in mid-operation, so it
+  section; or the 2012 hotplug design's get_online_cpus() refcount, which lockdep did not
+  see) does not queue at all: it *preempts*, as CFS's wakeup preemption lets a woken sleeper
+  run at once. The model cannot stop the task it would preempt in mid-operation, so it
   runs one task over ``nr_cpus`` instead, and the next CPU given back pays that debt rather
   than going to a waiter. Without it a mutex holder waits behind every woken task for each of
   its sleeps, and everyone behind the mutex waits with it: with 60 drivers on 4 CPUs the memcg
-  creation works piled up behind memcg_cache_mutex for over 10 s (hung tasks, BENCHMARKS.md).
-  Without lockdep no task is known to hold a lock, and none preempts.
+  creation works piled up behind memcg_cache_mutex for over 10 s, and in v3.6 a hotplug
+  writer waited, holding cpu_hotplug.lock, for a queued reader that every get_online_cpus()
+  then waited behind (hung tasks, BENCHMARKS.md). Without lockdep only the hotplug readers
+  are known to hold a lock.
 - ``preempt_disable()`` keeps a task's CPU through its sleeps: the stress drivers' own lock is
   held that way, like a spinlock, because the tasks that wait for it keep their CPUs too.
 
@@ -162,7 +165,7 @@ class RunQueue:
         try:
             yield
         finally:
-            self.take(task, woken=True, preempt=bool(task.held))
+            self.take(task, woken=True, preempt=bool(task.held or task.hotplug_depth))
 
     def stats(self) -> dict[str, float]:
         with self._lock:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from kmemcg import Kernel, Task
 from kmemcg.core.sched import RunQueue
 
@@ -146,13 +148,18 @@ def test_a_woken_sleeper_goes_before_new_work(kernel: Kernel) -> None:
     assert order == ["sleeper", "newcomer"]
 
 
-def test_a_woken_lock_holder_preempts_and_the_next_give_pays_for_it(kernel: Kernel) -> None:
-    """One CPU. The holder of m sleeps and its CPU goes to "other"; woken, the holder runs at
+@pytest.mark.parametrize("hold", ["mutex", "get_online_cpus"])
+def test_a_woken_lock_holder_preempts_and_the_next_give_pays_for_it(kernels, hold: str) -> None:
+    """One CPU. The holder of m (or of the 2012 hotplug design's read side, a refcount that
+    lockdep did not see then) sleeps and its CPU goes to "other"; woken, the holder runs at
     once beside "other" (wakeup preemption) instead of queueing behind it. The CPU it gives
     back then pays that debt: "late", queued meanwhile, runs only once "other" gives up its
     CPU too."""
+    kernel = kernels(hotplug="2012")
     rq = kernel.rq = RunQueue(1, timeout=5.0)
     m = kernel.mutex("m")
+    lock, unlock = ((m.lock, m.unlock) if hold == "mutex" else
+                    (kernel.hotplug.get_online_cpus, kernel.hotplug.put_online_cpus))
     sleeping, other_on, back_on = threading.Event(), threading.Event(), threading.Event()
     late_queued, holder_gave, late_ran = threading.Event(), threading.Event(), threading.Event()
     seen: dict[str, bool] = {}
@@ -160,12 +167,13 @@ def test_a_woken_lock_holder_preempts_and_the_next_give_pays_for_it(kernel: Kern
     def holder() -> None:
         task = kernel.current()
         rq.take(task)
-        with m:
-            with rq.off_cpu(task):
-                sleeping.set()
-                other_on.wait(5)
-            back_on.set()  # on a CPU again while "other" still holds the only one
-            late_queued.wait(5)
+        lock()
+        with rq.off_cpu(task):
+            sleeping.set()
+            other_on.wait(5)
+        back_on.set()  # on a CPU again while "other" still holds the only one
+        late_queued.wait(5)
+        unlock()
         rq.give(task)
         holder_gave.set()
 
