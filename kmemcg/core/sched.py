@@ -40,9 +40,9 @@ callback thread and the watchdog are not queued (they run beside the CPUs, like 
 of their own); a model CPU here is a slot, not the CPU ``this_cpu()`` names (a task's per-cpu
 data still follows its placement by the hotplug model, and CPU hotplug does not change the
 number of slots). And a task that waits longer than ``timeout`` runs without a CPU: a
-blocking call that is not one of the model's waits could
-otherwise hold every CPU while the task it waits for queues behind them. ``overruns``
-counts those, so a run can show it stayed rare.
+blocking call that is not one of the model's waits could otherwise hold every CPU while the
+task it waits for queues behind them. ``overruns`` counts those, so a run can show it stayed
+rare.
 """
 
 from __future__ import annotations
