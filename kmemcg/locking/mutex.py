@@ -5,6 +5,12 @@ tracker, so the hung-task watchdog sees it and teardown can unwind it). Lockdep 
 the task blocks, as ``mutex_acquire_nest()`` does, so an inversion that deadlocks is reported
 before the hang.
 
+Waiters queue first come, first served, as on the kernel's ``wait_list``, and an unlock with
+waiters hands the mutex to the first one (``_raw`` stays held across the handoff, like
+MUTEX_FLAG_HANDOFF): a bare ``threading.Lock`` is a lottery among its waiters, and with a
+hundred memcg creation works on memcg_cache_mutex one of them lost it for over 10 s. The model
+has no optimistic spinning, so a free mutex is taken on the fast path only when nobody waits.
+
 Memory ordering: ``_owner`` is written only by the task that holds ``_raw`` (set after acquiring,
 cleared before releasing), so the ``threading.Lock`` acquire/release pair orders it; readers on
 other threads (wait-for chains, reports) take it as a hint, never as proof of ownership.
@@ -13,7 +19,9 @@ other threads (wait-for chains, reports) take it as a hint, never as proof of ow
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from kmemcg.core.report import H_LOCK, H_SITE, TRYLOCK, site_key
@@ -44,7 +52,7 @@ def site_of(task: Task, lock: object) -> object:
 class Mutex(LockdepMap):
     """``k.mutex("slab_mutex")``. The name is the lockdep class."""
 
-    __slots__ = ("_raw", "_owner", "_stat", "_t_acq")
+    __slots__ = ("_raw", "_wait_lock", "_waiters", "_owner", "_stat", "_t_acq")
     kind = "mutex"
     sleeps = True  # might_sleep(): illegal inside rcu_read_lock()
     usage_str = "{+.+.}-{4:4}"
@@ -52,6 +60,11 @@ class Mutex(LockdepMap):
     def __init__(self, kernel: Kernel, name: str) -> None:
         super().__init__(kernel, name, self.usage_str)
         self._raw = kernel.raw_lock()
+        # mutex->wait_lock and mutex->wait_list: one lock per sleeping waiter, held until the
+        # mutex is handed to it. Ordered against _raw: the unlock decides under _wait_lock
+        # whether to hand over or release, and a waiter retries _raw under it before queueing.
+        self._wait_lock = kernel.raw_lock()
+        self._waiters: deque[threading.Lock] = deque()
         self._owner: Task | None = None
         self._stat = LockStat()
         self._t_acq = 0
@@ -117,13 +130,27 @@ class Mutex(LockdepMap):
         holder = self._owner
         holder_site = site_of(holder, self) if holder is not None else None
         t0 = _now()
-        try:
-            raw = self._raw
-            k.waits.wait(task, self, lambda t: raw.acquire(True, t))
-        except BaseException:
-            if k._ld is not None:
-                k._ld.drop(task, self)
-            raise
+        with self._wait_lock:
+            queued = not self._raw.acquire(False)  # released since the fast path: ours
+            if queued:
+                me = k.raw_lock()
+                me.acquire()
+                self._waiters.append(me)
+        if queued:
+            try:
+                k.waits.wait(task, self, lambda t: me.acquire(True, t))
+            except BaseException:
+                with self._wait_lock:
+                    try:
+                        self._waiters.remove(me)
+                        handed = False
+                    except ValueError:
+                        handed = True  # handed over meanwhile: pass it on
+                if handed:
+                    self._release()
+                if k._ld is not None:
+                    k._ld.drop(task, self)
+                raise
         # Contention is always recorded (slow path only). Written while holding the lock: exact
         # without another lock.
         self._stat.wait(_now() - t0, task.cpu, site_of(task, self), holder_site)
@@ -171,9 +198,17 @@ class Mutex(LockdepMap):
         if k.lock_stat:
             self._stat.hold(_now() - self._t_acq)
         self._owner = None
-        self._raw.release()
+        self._release()
 
     __exit__ = unlock
+
+    def _release(self) -> None:
+        """__mutex_unlock_slowpath(): hand the mutex to the first waiter, or free it."""
+        with self._wait_lock:
+            if self._waiters:
+                self._waiters.popleft().release()  # _raw stays held: it is theirs now
+            else:
+                self._raw.release()
 
     # -- state ------------------------------------------------------------------------------
     def is_held(self) -> bool:

@@ -98,6 +98,64 @@ def test_contended_lock_really_blocks(kernel) -> None:
     assert len(kernel.findings) == 0
 
 
+def _queue_waiters(kernel, m, n: int, order: list) -> list:
+    """Start ``n`` tasks that lock ``m`` (held by the caller), one at a time: each is asleep on
+    ``m`` before the next starts, so they queue in index order. Each records its turn."""
+    ts = []
+    for i in range(n):
+        def waiter(i: int = i) -> None:
+            with m:
+                order.append(i)
+        t = kernel.kthread_run(waiter, name=f"waiter{i}")
+        assert wait_until(lambda t=t: t.task.blocked_on is m)
+        ts.append(t)
+    return ts
+
+
+def test_waiters_get_the_mutex_first_come_first_served(kernel) -> None:
+    """mutex->wait_list is FIFO: the waiters get the mutex in the order they queued, and the
+    unlocker that asks again queues behind them, instead of winning a lottery it is best
+    placed for (it is already running)."""
+    m = kernel.mutex("fifo")
+    order: list = []
+    m.lock()
+    ts = _queue_waiters(kernel, m, 5, order)
+    m.unlock()
+    with m:
+        order.append("unlocker")
+    for t in ts:
+        t.join(5)
+    assert order == [0, 1, 2, 3, 4, "unlocker"]
+    assert not m.is_locked() and len(kernel.findings) == 0
+
+
+def test_unlock_hands_the_mutex_to_the_first_waiter(kernel) -> None:
+    """The unlock hands over (MUTEX_FLAG_HANDOFF): the mutex never looks free in between, so
+    a trylock right after it fails although the waiter may not have run yet."""
+    m = kernel.mutex("handoff")
+    order: list = []
+    m.lock()
+    (t,) = _queue_waiters(kernel, m, 1, order)
+    m.unlock()
+    assert m.trylock() is False
+    t.join(5)
+    assert order == [0] and not m.is_locked()
+
+
+def test_a_torn_down_waiter_leaves_the_queue(kernels) -> None:
+    """A waiter that unwinds (teardown) is taken off the wait list: the next unlock frees the
+    mutex instead of handing it to a task that is gone."""
+    k = kernels()
+    m = k.mutex("gone")
+    order: list = []
+    m.lock()
+    (t,) = _queue_waiters(k, m, 1, order)
+    k.shutdown(timeout=5.0)
+    assert not t.is_alive() and order == []
+    m.unlock()
+    assert not m.is_locked()
+
+
 def test_mutual_exclusion_under_contention(kernel) -> None:
     """Several threads increment a counter non-atomically (read, window, write) under the
     mutex; a breakpoint-free window still gives other threads the chance to run."""
