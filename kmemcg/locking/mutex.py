@@ -5,11 +5,14 @@ tracker, so the hung-task watchdog sees it and teardown can unwind it). Lockdep 
 the task blocks, as ``mutex_acquire_nest()`` does, so an inversion that deadlocks is reported
 before the hang.
 
-Waiters queue first come, first served, as on the kernel's ``wait_list``, and an unlock with
-waiters hands the mutex to the first one (``_raw`` stays held across the handoff, like
-MUTEX_FLAG_HANDOFF): a bare ``threading.Lock`` is a lottery among its waiters, and with a
-hundred memcg creation works on memcg_cache_mutex one of them lost it for over 10 s. The model
-has no optimistic spinning, so a free mutex is taken on the fast path only when nobody waits.
+Sleeping waiters queue first come, first served, as on the kernel's ``wait_list``: an unlock
+frees the mutex and wakes the first of them. A running task may still take a free mutex before
+the woken waiter gets to it, as the kernel's optimistic spinners do; the waiter that loses that
+race sets the handoff flag, and the next unlock hands the mutex straight to it (``_raw`` stays
+held; MUTEX_FLAG_HANDOFF, 4.10). A bare ``threading.Lock`` is a lottery among its sleepers: with
+a hundred memcg creation works on memcg_cache_mutex, one of them lost it for over 10 s. Strict
+handoff at every unlock (no barging) made a root destroy that takes memcg_cache_mutex once per
+child wait behind the whole creation backlog each time, holding activate_kmem_mutex meanwhile.
 
 Memory ordering: ``_owner`` is written only by the task that holds ``_raw`` (set after acquiring,
 cleared before releasing), so the ``threading.Lock`` acquire/release pair orders it; readers on
@@ -49,10 +52,22 @@ def site_of(task: Task, lock: object) -> object:
     return None
 
 
+class _Waiter:
+    """struct mutex_waiter: ``sem`` is held while the waiter sleeps and released to wake it."""
+
+    __slots__ = ("sem", "woken", "handed")
+
+    def __init__(self, sem: threading.Lock) -> None:
+        sem.acquire()
+        self.sem = sem
+        self.woken = False  # a wakeup is on its way (sem released, not yet consumed)
+        self.handed = False  # off the list, and the mutex is its own
+
+
 class Mutex(LockdepMap):
     """``k.mutex("slab_mutex")``. The name is the lockdep class."""
 
-    __slots__ = ("_raw", "_wait_lock", "_waiters", "_owner", "_stat", "_t_acq")
+    __slots__ = ("_raw", "_wait_lock", "_waiters", "_handoff", "_owner", "_stat", "_t_acq")
     kind = "mutex"
     sleeps = True  # might_sleep(): illegal inside rcu_read_lock()
     usage_str = "{+.+.}-{4:4}"
@@ -60,11 +75,13 @@ class Mutex(LockdepMap):
     def __init__(self, kernel: Kernel, name: str) -> None:
         super().__init__(kernel, name, self.usage_str)
         self._raw = kernel.raw_lock()
-        # mutex->wait_lock and mutex->wait_list: one lock per sleeping waiter, held until the
-        # mutex is handed to it. Ordered against _raw: the unlock decides under _wait_lock
-        # whether to hand over or release, and a waiter retries _raw under it before queueing.
+        # mutex->wait_lock guards the wait list, the handoff flag and the waiters' flags, and
+        # orders them against _raw: an unlock decides under it whether to hand over or free and
+        # wake, and a waiter retries _raw under it before it queues or asks for the handoff, so
+        # no wakeup is lost between a failed try and the sleep.
         self._wait_lock = kernel.raw_lock()
-        self._waiters: deque[threading.Lock] = deque()
+        self._waiters: deque[_Waiter] = deque()
+        self._handoff = False  # the first waiter lost a race after its wakeup: hand it over
         self._owner: Task | None = None
         self._stat = LockStat()
         self._t_acq = 0
@@ -131,23 +148,12 @@ class Mutex(LockdepMap):
         holder_site = site_of(holder, self) if holder is not None else None
         t0 = _now()
         with self._wait_lock:
-            queued = not self._raw.acquire(False)  # released since the fast path: ours
-            if queued:
-                me = k.raw_lock()
-                me.acquire()
-                self._waiters.append(me)
-        if queued:
+            w = None if self._raw.acquire(False) else self._enqueue()  # freed since the fast path
+        if w is not None:
             try:
-                k.waits.wait(task, self, lambda t: me.acquire(True, t))
+                k.waits.wait(task, self, lambda t: self._wait_turn(w, t))
             except BaseException:
-                with self._wait_lock:
-                    try:
-                        self._waiters.remove(me)
-                        handed = False
-                    except ValueError:
-                        handed = True  # handed over meanwhile: pass it on
-                if handed:
-                    self._release()
+                self._dequeue(w)
                 if k._ld is not None:
                     k._ld.drop(task, self)
                 raise
@@ -202,13 +208,58 @@ class Mutex(LockdepMap):
 
     __exit__ = unlock
 
-    def _release(self) -> None:
-        """__mutex_unlock_slowpath(): hand the mutex to the first waiter, or free it."""
+    # -- the wait list -----------------------------------------------------------------------
+    def _enqueue(self) -> _Waiter:
+        """Caller holds _wait_lock and found the mutex taken: queue at the tail, asleep."""
+        w = _Waiter(self._k.raw_lock())
+        self._waiters.append(w)
+        return w
+
+    def _wait_turn(self, w: _Waiter, timeout: float) -> bool:
+        """One sleep of waiter ``w`` (at most ``timeout``); True once it owns the mutex."""
+        if not w.sem.acquire(True, timeout):
+            return False
         with self._wait_lock:
-            if self._waiters:
-                self._waiters.popleft().release()  # _raw stays held: it is theirs now
-            else:
-                self._raw.release()
+            w.woken = False
+            if w.handed:
+                return True  # the unlocker took it off the list and left _raw held for us
+            if self._raw.acquire(False):
+                self._waiters.popleft()  # only the first waiter is ever woken
+                return True
+            self._handoff = True  # a running task got there first: the next unlock is ours
+            return False
+
+    def _wake_first_locked(self) -> None:
+        ws = self._waiters
+        if ws and not ws[0].woken:
+            ws[0].woken = True
+            ws[0].sem.release()
+
+    def _release(self) -> None:
+        """__mutex_unlock_slowpath(): hand the mutex to a first waiter that asked for it, or
+        free it and wake the first waiter."""
+        with self._wait_lock:
+            if self._handoff:
+                self._handoff = False
+                w = self._waiters.popleft()
+                w.handed = w.woken = True
+                w.sem.release()  # _raw stays held: it is theirs now
+                return
+            self._raw.release()
+            self._wake_first_locked()
+
+    def _dequeue(self, w: _Waiter) -> None:
+        """A waiter unwinds (teardown): leave the list; pass on what it was given."""
+        with self._wait_lock:
+            if not w.handed:
+                first = self._waiters[0] is w
+                self._waiters.remove(w)
+                if first:
+                    self._handoff = False
+                    if not self._raw.locked():  # its wakeup would be lost with it
+                        self._wake_first_locked()
+                return
+        self._release()  # handed over meanwhile: it owns the mutex
 
     # -- state ------------------------------------------------------------------------------
     def is_held(self) -> bool:
