@@ -372,18 +372,29 @@ class MemcgSlabV313(MemcgSlab):
         (bug 6: shrink / destroy them right here, under slab_caches_mutex)."""
         k = self._k
         st = self.state(memcg)
+        bug8 = k.config.bug("destroy_work_scheduled_twice")
         with st.slab_caches_mutex:
             st.dead = True
             for c in list(memcg.kmem_caches):
                 p = c.memcg_params
                 p.dead = True
+                # a freer may see dead now, free the last page and queue the destroy first
+                k.window("memcg_deactivate_kmem_caches:dead")
                 if k.config.bug("shrink_under_slab_caches_mutex"):
                     if p.nr_pages:
                         k.slab.kmem_cache_shrink(c)
                     else:
                         self.kmem_cache_destroy_memcg(c)
-                else:
+                elif bug8:
                     queue_work(k.system_wq, p.destroy)
+                else:
+                    # Model fix, the free path's: a child whose destroyer already decided
+                    # (the last freer queued the work as dead was set) is left alone. It is
+                    # still on this list, which it leaves only after that decision, and a
+                    # work queued now would run after the one destroying it, on freed memory.
+                    with p.lock:
+                        if not p.destroying:
+                            queue_work(k.system_wq, p.destroy)
 
     def kmem_cache_destroy_work_func(self, c: KmemCache) -> None:
         k = self._k

@@ -284,6 +284,33 @@ def test_bug8_fixed_the_freer_never_schedules():
         assert not k.findings.snapshot(), [f.title for f in k.findings]
 
 
+def test_bug8_fixed_offline_leaves_a_child_whose_destroy_is_decided():
+    """Bug 8's other place: M's offline marks C dead; before it queues C's destroy work, the
+    freer of C's last page queues it, and the work decides to destroy C, then waits for
+    slab_caches_mutex (held by the offline) to take C off M's list. The offline must not queue
+    the work again: that instance would run after C is freed."""
+    with Kernel(config=v313(without=("destroy_work_scheduled_twice",
+                                     "free_path_touches_cache_after_uncharge"))) as k:
+        sl, mc = k.slab, k.memcg
+        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+        m = in_memcg(k)
+        c = make_child(k, s, m)
+        obj = sl.kmem_cache_alloc(s)
+        assert obj.cache is c
+        mc.attach(k.current(), mc.root)
+        sl.kmem_cache_shrink(c)  # the slab is off the cpu: the free below discards it
+        bp = k.breakpoints.add("window:memcg_deactivate_kmem_caches:dead", thread="offline")
+        t = k.kthread_run(lambda: mc.offline(m), name="offline")
+        bp.wait()
+        sl.kmem_cache_free(s, obj)  # the last page: the freer queues the destroy
+        assert wait_until(lambda: c.memcg_params.destroying)  # decided, waits for the list
+        bp.release()
+        t.join(5)
+        settle(k)
+        assert Kasan.is_freed(c)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
 # ---------------------------------------------------------------------------------- bug 10
 def test_bug10_free_path_touches_the_destroyed_child():
     with Kernel(config=v313(without=("destroy_work_scheduled_twice",))) as k:
