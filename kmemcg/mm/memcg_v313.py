@@ -577,6 +577,13 @@ class MemcgSlabV313(MemcgSlab):
             ptr = s.memcg_params.memcg_caches
             n = len(ptr.protected(mc.activate_kmem_mutex).entries)
             for i in range(n):
+                # 3.13 skips an empty slot before taking memcg_cache_mutex: a creation that
+                # fills it after this read could just as well fill it after a locked read.
+                # Locking every slot queued root destroys hundreds of times behind the
+                # creation backlog on memcg_cache_mutex. The list item load is atomic, like
+                # the READ_ONCE of a slot; activate_kmem_mutex keeps the array in place.
+                if ptr.protected(mc.activate_kmem_mutex).entries[i] is None:
+                    continue
                 if fixed14:
                     self.memcg_cache_mutex.lock()
                 try:

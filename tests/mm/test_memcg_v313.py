@@ -498,3 +498,30 @@ def test_bug14_fixed_slot_loaded_under_memcg_cache_mutex():
         s, c = root_destroy_against_running_destroy_work(k)
         assert Kasan.is_freed(c) and Kasan.is_freed(s)
         assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+def test_root_destroy_skips_empty_slots_without_memcg_cache_mutex():
+    """An empty slot is skipped before memcg_cache_mutex is taken (as 3.13 does): a root
+    destroy must not queue behind creations for slots it has nothing to do with."""
+    with Kernel(config=FIXED) as k:
+        sl, mc = k.slab, k.memcg
+        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+        for i in range(3):  # activated memcgs: slots exist, all empty
+            mc.memcg_activate_kmem(mc.create(f"m{i}"))
+        held, out = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with k.memcg_slab.memcg_cache_mutex:
+                held.set()
+                out.wait(10)
+
+        h = k.kthread_run(holder, name="holder")
+        assert held.wait(5)
+        d = k.kthread_run(lambda: sl.kmem_cache_destroy(s), name="destroyer")
+        try:
+            assert wait_until(lambda: Kasan.is_freed(s))
+        finally:
+            out.set()
+            d.join(5)
+            h.join(5)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
