@@ -525,3 +525,36 @@ def test_root_destroy_skips_empty_slots_without_memcg_cache_mutex():
             d.join(5)
             h.join(5)
         assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+def test_root_destroy_flushes_only_the_creations_queued_before_it():
+    """_flush_creations() waits like flush_workqueue(): for the creations of the root queued
+    before the call, not for those another alias's users queue meanwhile (waiting for those
+    too never ended while they kept allocating in new memcgs)."""
+    with Kernel(config=FIXED) as k:
+        sl = k.slab
+        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
+        first = k.breakpoints.add("window:memcg_create_kmem_cache:checked")
+        later = k.breakpoints.add("window:memcg_create_kmem_cache:checked")
+        in_memcg(k, "m1")
+        sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # creation 1 queued
+        first.wait()  # ... and parked holding memcg_cache_mutex
+        done = threading.Event()
+
+        def flusher() -> None:
+            k.memcg_slab._flush_creations(s)
+            done.set()
+
+        f = k.kthread_run(flusher, name="flusher")
+        assert wait_until(lambda: f.task is not None and f.task.blocked_on is not None)
+        in_memcg(k, "m2")
+        sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # creation 2, queued after the call
+        first.release()
+        try:
+            later.wait()  # creation 2 runs only after creation 1 finished
+            assert done.wait(5), "the flush waited for a creation queued after it"
+        finally:
+            later.release()
+            f.join(5)
+        settle(k)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
