@@ -527,6 +527,12 @@ def burst(w: World, ops: Counter) -> None:
     with w.lock:
         room = BURST_MAX - len(w.memcgs) - len(w.retiring)
     before = mc.nr_cache_ids
+    if len(mc._ids) + room < before:
+        # Out of reach: the ids this burst may take cannot fill the arrays (they only grow),
+        # so it would only queue a creation work per memcg and accounted root. Such bursts
+        # outran memcg_cache_mutex, the one lock every creation takes: hundreds of kworkers
+        # queued on it and root destroys stalled behind them for seconds.
+        return
     recent: list[Any] = []
     try:
         for _ in range(max(0, room)):
