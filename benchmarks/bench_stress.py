@@ -50,8 +50,9 @@ def scaling(dur: float) -> None:
     the 8-thread run's lone root churner and RCU writer are bound by their sleeps, not by
     the GIL, so its mix shifts to cheap ops (more ops per second for less work); without
     them both runs are GIL-bound on the same mix. The per-kind rates show the shift. Last
-    with --run-queue: at most --cpus (4) drivers run at a time, the rest wait off the GIL."""
-    for extra in ((), ("--perturb", "off"), ("--run-queue",)):
+    with --no-run-queue: every driver runnable at once (with the default run queue at most
+    --cpus (4) drivers run at a time, the rest wait off the GIL)."""
+    for extra in ((), ("--perturb", "off"), ("--no-run-queue",)):
         r64 = stress("--threads", "64", "--duration", str(dur), "--seed", "2", *extra)
         r8 = stress("--threads", "8", "--duration", str(dur), "--seed", "2", *extra)
         flags = " ".join(extra) or "default flags"

@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hotplug", default=None, metavar="DESIGN",
                    help="CPU hotplug lock design, overriding the preset's (2012, percpu_rwsem)")
     p.add_argument("--cpus", type=int, default=4, help="simulated CPUs (default 4)")
-    p.add_argument("--run-queue", action="store_true",
+    p.add_argument("--run-queue", action=argparse.BooleanOptionalAction, default=True,
                    help="run at most --cpus driver threads at a time, as a kernel on --cpus CPUs "
-                        "(fewer GIL fights with many threads)")
+                        "(default on: fewer GIL fights with many threads)")
     p.add_argument("--workload", default="default",
                    help="role mix of the driver threads (default; see --list-workloads)")
     p.add_argument("--mix", default=None, metavar="ROLE=W,...",

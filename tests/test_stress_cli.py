@@ -70,14 +70,23 @@ def test_fixed_kernel_with_64_threads_has_no_finding(capsys):
 
 
 def test_run_queue_keeps_drivers_to_the_cpus_and_the_fixed_kernel_clean(capsys):
+    """On by default."""
     code = main(["--threads", "32", "--duration", "3", "--json", "--quiet", "--seed", "7",
-                 "--run-queue", "--cpus", "2"])
+                 "--cpus", "2"])
     out = json.loads(capsys.readouterr().out)
     assert out["findings"] == [], [f["title"] for f in out["findings"]]
     assert code == 0
     rq = out["run_queue"]
     assert rq["nr_cpus"] == 2 and rq["waits"] > 0  # 32 drivers queued for 2 CPUs
     assert "run queue: 2 CPUs" in human_summary(out)
+
+
+def test_no_run_queue_lets_every_driver_run_at_once(capsys):
+    code = main(["--threads", "16", "--duration", "2", "--json", "--quiet", "--seed", "7",
+                 "--no-run-queue"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["findings"] == []
+    assert out.get("run_queue") is None and "run queue" not in human_summary(out)
 
 
 def test_run_queue_still_finds_a_catalog_bug(capsys):

@@ -5,9 +5,10 @@ a task that sleeps (a contended mutex, a grace period, a flushed work, ``msleep`
 CPU to the next one. Without this, 64 model tasks on CPython are 64 runnable OS threads that
 fight for the GIL: at the stress driver's 0.1 ms switch interval each waiting thread wakes every
 interval, and 64 threads spend most of their CPU time in futex calls (BENCHMARKS.md: 64
-threads did 0.60-0.71 of 8 threads' operations per second, 0.79-0.92 with a run queue). Off unless
-``kernel.rq`` is set (``python -m stress --run-queue``): it changes which interleavings a run
-sees, and the detection figures were measured without it.
+threads did 0.60-0.71 of 8 threads' operations per second, 0.79-0.92 with a run queue). Used
+when ``kernel.rq`` is set: ``python -m stress`` sets it unless ``--no-run-queue`` (the default
+since session 11, once detection with it matched detection without it); a ``Kernel`` made
+directly, as in the tests, has none.
 
 How it maps to the model:
 
