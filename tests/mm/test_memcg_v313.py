@@ -237,10 +237,9 @@ def test_bug9_fixed_the_lookup_pins_the_child():
 
 
 # ---------------------------------------------------------------------------------- bug 8
-def last_page_freed_during_offline(k: Kernel, window: str = "memcg_release_pages:after_sub"):
-    """F frees a dead-to-be child's last object (nr_pages -> 0) and parks at ``window`` (after
-    the sub; bug 10: after the uncharge); M goes offline, its destroy work sees 0 and destroys
-    C; F goes on."""
+def child_with_one_object(k: Kernel):
+    """Root s, memcg m and its child c holding one object ``obj`` on a slab that is off the
+    cpu (its free discards the slab: c's last page); the current task back in the root."""
     sl, mc = k.slab, k.memcg
     s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
     m = in_memcg(k)
@@ -248,7 +247,16 @@ def last_page_freed_during_offline(k: Kernel, window: str = "memcg_release_pages
     obj = sl.kmem_cache_alloc(s)
     assert obj.cache is c
     mc.attach(k.current(), mc.root)
-    sl.kmem_cache_shrink(c)  # the slab is off the cpu: the free below discards it
+    sl.kmem_cache_shrink(c)
+    return s, m, c, obj
+
+
+def last_page_freed_during_offline(k: Kernel, window: str = "memcg_release_pages:after_sub"):
+    """F frees a dead-to-be child's last object (nr_pages -> 0) and parks at ``window`` (after
+    the sub; bug 10: after the uncharge); M goes offline, its destroy work sees 0 and destroys
+    C; F goes on."""
+    sl, mc = k.slab, k.memcg
+    s, m, c, obj = child_with_one_object(k)
     bp = k.breakpoints.add(f"window:{window}", thread="freer")
 
     def freer() -> None:
@@ -292,13 +300,7 @@ def test_bug8_fixed_offline_leaves_a_child_whose_destroy_is_decided():
     with Kernel(config=v313(without=("destroy_work_scheduled_twice",
                                      "free_path_touches_cache_after_uncharge"))) as k:
         sl, mc = k.slab, k.memcg
-        s = sl.kmem_cache_create("dentry", 192, flags=SLAB_ACCOUNT)
-        m = in_memcg(k)
-        c = make_child(k, s, m)
-        obj = sl.kmem_cache_alloc(s)
-        assert obj.cache is c
-        mc.attach(k.current(), mc.root)
-        sl.kmem_cache_shrink(c)  # the slab is off the cpu: the free below discards it
+        s, m, c, obj = child_with_one_object(k)
         bp = k.breakpoints.add("window:memcg_deactivate_kmem_caches:dead", thread="offline")
         t = k.kthread_run(lambda: mc.offline(m), name="offline")
         bp.wait()
