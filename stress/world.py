@@ -528,10 +528,10 @@ def burst(w: World, ops: Counter) -> None:
         room = BURST_MAX - len(w.memcgs) - len(w.retiring)
     before = mc.nr_cache_ids
     if len(mc._ids) + room < before:
-        # Out of reach: the ids this burst may take cannot fill the arrays (they only grow),
-        # so it would only queue a creation work per memcg and accounted root. Such bursts
-        # outran memcg_cache_mutex, the one lock every creation takes: hundreds of kworkers
-        # queued on it and root destroys stalled behind them for seconds.
+        # Out of reach: the ids this burst may take cannot fill the arrays (they only grow).
+        # It would only add memcgs, each queueing a creation per accounted root allocated
+        # from in it: load on memcg_cache_mutex, which every creation takes, and nothing for
+        # the relocation races.
         return
     recent: list[Any] = []
     try:

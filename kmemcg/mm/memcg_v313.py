@@ -558,9 +558,9 @@ class MemcgSlabV313(MemcgSlab):
 
         One pass over the creations queued before the call, as flush_workqueue(): the caller
         no longer allocates from ``s``, so no creation of its own comes later. Another alias's
-        users may queue more meanwhile; waiting for those too (as this did until session 11)
-        never ended while they kept allocating in new memcgs: 1,573 rounds and 4.5 s in one
-        root destroy, behind hundreds of creations queued on memcg_cache_mutex."""
+        users may queue more meanwhile: waiting for those too never ended while they kept
+        allocating in new memcgs (1,573 rounds and 4.5 s in one root destroy, behind hundreds
+        of creations queued on memcg_cache_mutex)."""
         if self._k.config.bug("root_destroy_without_flush"):
             return
         with self._cw_lock:
