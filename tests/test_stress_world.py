@@ -4,11 +4,14 @@ which memcg a service's teardown removes."""
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 
+import stress.world
 from kmemcg import Kernel
 from kmemcg.mm.slub import SLAB_ACCOUNT
 from kmemcg.testing import in_memcg
@@ -88,3 +91,22 @@ def test_teardown_removes_a_memcg_that_used_the_cache_and_no_other() -> None:
         sl.kmem_cache_destroy(a)
         sl.kmem_cache_destroy(b)
         assert not k.findings
+
+
+def test_memcg_creations_are_paced_across_churners(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pace_memcg() hands out one slot per 1/MEMCG_RATE seconds to all churners together, so
+    the churn rate does not follow the scheduler (lower bounds only: a nap may run long)."""
+    monkeypatch.setattr(stress.world, "MEMCG_RATE", 200.0)
+    with Kernel() as k:
+        w = World(k, seed=1)
+        t0 = time.monotonic()
+        ts = [threading.Thread(target=lambda: [w.pace_memcg() for _ in range(5)])
+              for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(10)
+        assert time.monotonic() - t0 >= 19 / 200.0  # 20 slots: the last one 19 slots on
+        assert w.next_memcg >= t0 + 20 / 200.0
+        w.stop.set()
+        assert w.pace_memcg() is True  # a stopping run does not wait for its slot
