@@ -110,8 +110,13 @@ def test_root_destroy_flushes_pending_creation_and_shuts_the_children_down(kerne
     c = o.cache
     sl.kmem_cache_free(s, o)
     in_memcg(k, "b")
-    sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # b's creation is queued, not run yet
-    sl.kmem_cache_destroy(s)  # dying, then flush: b's creation bails
+    bp = k.breakpoints.add("work_start:memcg_kmem_cache_create_func")
+    sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # b's creation is queued ...
+    bp.wait()  # ... and held before it runs (else a quick worker creates b's child first)
+    d = k.kthread_run(sl.kmem_cache_destroy, s, name="destroyer")
+    assert wait_until(lambda: s.memcg_params.dying)  # dying, then flush: b's creation bails
+    bp.release()
+    d.join(5)
     assert Kasan.is_freed(s) and Kasan.is_freed(c)
     assert k.memcg_slab.nr_created == 1
     settle(k)
