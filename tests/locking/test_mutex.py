@@ -142,7 +142,9 @@ def test_a_waiter_that_lost_to_a_running_task_is_handed_the_mutex(kernel) -> Non
         m.lock()  # at once: the woken waiter has not run yet, or it is handed the mutex
         if order:
             break
-        time.sleep(0.002)  # holding it: the waiter wakes, finds it taken, asks for it
+        # holding it: the waiter wakes, finds it taken and asks for it (MUTEX_FLAG_HANDOFF;
+        # waited for, not slept on: a loaded machine may wake it late)
+        wait_until(lambda: m._handoff, timeout=0.5)
     m.unlock()
     t.join(5)
     # the first unlock woke it; the second (or, if it ran in between, the first) handed over
