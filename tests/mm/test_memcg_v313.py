@@ -183,6 +183,29 @@ def test_bug7_creator_stores_into_the_array_a_relocation_copied():
         assert F.ASSERTION in BY_NAME["memcg_create_without_slab_mutex_recheck"].detector
 
 
+def test_bug7_creator_stores_into_the_array_the_relocation_freed():
+    """The same lost publish, with no reader holding the grace period: the relocation's
+    kfree_rcu() of the old array has run by the time W1 stores (W1 holds memcg_cache_mutex,
+    no RCU read section), so the store is a use-after-free."""
+    bug7 = ("memcg_create_without_slab_mutex_recheck",)
+    with Kernel(config=v313(without=V313_BUGS, with_=bug7)) as k:
+        sl, mc = k.slab, k.memcg
+        s, m = relocation_ahead(k)
+        mc.attach(k.current(), m)
+        bp = k.breakpoints.add("window:memcg_create_kmem_cache:publish")
+        sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # a miss: W1 queued
+        bp.wait()
+        old = s.memcg_params.memcg_caches.access()
+        mc.memcg_activate_kmem(mc.create("big"))  # relocates; the old array goes to kfree_rcu
+        k.rcu.barrier()
+        assert Kasan.is_freed(old)
+        bp.release()
+        assert wait_until(lambda: any(f.kind == F.KASAN_UAF for f in k.findings))
+        (f,) = [f for f in k.findings if f.kind == F.KASAN_UAF]
+        assert f.title == "BUG: KASAN: use-after-free in _publish"
+        assert f.kind in BY_NAME["memcg_create_without_slab_mutex_recheck"].detector
+
+
 # ---------------------------------------------------------------------------------- bug 9
 def lookup_then_offline(k: Kernel):
     """T got child C (empty) from the lookup and parks; T is moved out, M goes offline, the
