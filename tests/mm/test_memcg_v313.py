@@ -146,21 +146,30 @@ def test_bug7_fixed_recheck_under_slab_mutex_keeps_one_child():
         assert not k.findings.snapshot(), [f.title for f in k.findings]
 
 
+BUG7_ALONE = v313(without=V313_BUGS, with_=("memcg_create_without_slab_mutex_recheck",))
+
+
+def creator_parked_at_publish(k: Kernel):
+    """Root s with a relocation ahead; a miss in memcg m queued W1, which created X and parks
+    holding the loaded memcg_caches array (``old``) before its store. Returns (s, m, bp, old)."""
+    sl, mc = k.slab, k.memcg
+    s, m = relocation_ahead(k)
+    mc.attach(k.current(), m)
+    bp = k.breakpoints.add("window:memcg_create_kmem_cache:publish")
+    sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # a miss: W1 queued
+    bp.wait()
+    return s, m, bp, s.memcg_params.memcg_caches.access()
+
+
 def test_bug7_creator_stores_into_the_array_a_relocation_copied():
     """W1 created X and loaded the memcg_caches array to publish it; an activation relocates
     the array meanwhile (slot 0 is copied empty); W1's store lands in the old array. X is in
     no slot (lost): the next miss creates a second child Y, and X's destroy at the offline
     clears Y's slot: the fix's VM_BUG_ON(slot != cachep), which the model checks in both
     forms, reports it."""
-    bug7 = ("memcg_create_without_slab_mutex_recheck",)
-    with Kernel(config=v313(without=V313_BUGS, with_=bug7)) as k:
-        sl, mc = k.slab, k.memcg
-        s, m = relocation_ahead(k)
-        mc.attach(k.current(), m)
-        bp = k.breakpoints.add("window:memcg_create_kmem_cache:publish")
-        sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # a miss: W1 queued
-        bp.wait()
-        old = s.memcg_params.memcg_caches.access()
+    with Kernel(config=BUG7_ALONE) as k:
+        mc = k.memcg
+        s, m, bp, old = creator_parked_at_publish(k)
         out, _reader = hold_grace_period(k)  # the old array outlives W1's store
         mc.memcg_activate_kmem(mc.create("big"))  # relocates: slot 0 copied empty
         assert s.memcg_params.memcg_caches.access() is not old
@@ -187,15 +196,9 @@ def test_bug7_creator_stores_into_the_array_the_relocation_freed():
     """The same lost publish, with no reader holding the grace period: the relocation's
     kfree_rcu() of the old array has run by the time W1 stores (W1 holds memcg_cache_mutex,
     no RCU read section), so the store is a use-after-free."""
-    bug7 = ("memcg_create_without_slab_mutex_recheck",)
-    with Kernel(config=v313(without=V313_BUGS, with_=bug7)) as k:
-        sl, mc = k.slab, k.memcg
-        s, m = relocation_ahead(k)
-        mc.attach(k.current(), m)
-        bp = k.breakpoints.add("window:memcg_create_kmem_cache:publish")
-        sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # a miss: W1 queued
-        bp.wait()
-        old = s.memcg_params.memcg_caches.access()
+    with Kernel(config=BUG7_ALONE) as k:
+        mc = k.memcg
+        s, m, bp, old = creator_parked_at_publish(k)
         mc.memcg_activate_kmem(mc.create("big"))  # relocates; the old array goes to kfree_rcu
         k.rcu.barrier()
         assert Kasan.is_freed(old)
