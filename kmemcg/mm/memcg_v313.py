@@ -575,20 +575,19 @@ class MemcgSlabV313(MemcgSlab):
         fixed14 = not k.config.bug("cancel_work_sync_self_freeing_work")
         left = 0
         with mc.activate_kmem_mutex:  # set_limit_mutex: no relocation meanwhile
-            ptr = s.memcg_params.memcg_caches
-            n = len(ptr.protected(mc.activate_kmem_mutex).entries)
-            for i in range(n):
+            arr = s.memcg_params.memcg_caches.protected(mc.activate_kmem_mutex)
+            for i in range(len(arr.entries)):
                 # 3.13 skips an empty slot before taking memcg_cache_mutex: a creation that
                 # fills it after this read could just as well fill it after a locked read.
                 # Locking every slot queued root destroys hundreds of times behind the
                 # creation backlog on memcg_cache_mutex. The list item load is atomic, like
                 # the READ_ONCE of a slot; activate_kmem_mutex keeps the array in place.
-                if ptr.protected(mc.activate_kmem_mutex).entries[i] is None:
+                if arr.entries[i] is None:
                     continue
                 if fixed14:
                     self.memcg_cache_mutex.lock()
                 try:
-                    c = ptr.protected(mc.activate_kmem_mutex).entries[i]
+                    c = arr.entries[i]  # again, under memcg_cache_mutex (bug 14's fix)
                     if c is None:
                         continue
                     k.window("kmem_cache_destroy_memcg_children:got_child")
