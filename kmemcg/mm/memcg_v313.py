@@ -335,6 +335,10 @@ class MemcgSlabV313(MemcgSlab):
                     return None
                 k.window("memcg_create_kmem_cache:checked")
             c = self.alloc_child_cache(root, memcg, memcg.serial)
+            # __kmem_cache_create(): kmem_cache_open() and sysfs_slab_add() allocate and may
+            # sleep with slab_mutex held, so an activation often waits here for slab_mutex and
+            # gets it as the creator drops it, just before the creator's publish (bug 7)
+            k.window("kmem_cache_create_memcg:sysfs_slab_add")
             cp = ChildParamsV313(k)
             k.kasan.alloc(cp, "memcg_cache_params", f"the cache {c.name}")
             cp.memcg, cp.root_cache = memcg, root

@@ -209,6 +209,33 @@ def test_bug7_creator_stores_into_the_array_the_relocation_freed():
         assert f.kind in BY_NAME["memcg_create_without_slab_mutex_recheck"].detector
 
 
+@pytest.mark.parametrize("config", [FIXED, BUG7_ALONE], ids=["fixed", "bug7"])
+def test_an_activation_waits_for_slab_mutex_while_a_child_is_created(config):
+    """kmem_cache_create_memcg() holds slab_mutex across __kmem_cache_create(), where
+    sysfs_slab_add() may sleep: an activation that must relocate the arrays waits there for
+    the creation, and relocates once the creator drops slab_mutex (just before the creator's
+    publish, with bug 7 under memcg_cache_mutex only)."""
+    with Kernel(config=config) as k:
+        sl, mc = k.slab, k.memcg
+        s, m = relocation_ahead(k)
+        mc.attach(k.current(), m)
+        bp = k.breakpoints.add("window:kmem_cache_create_memcg:sysfs_slab_add")
+        sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # a miss: the creation is queued
+        bp.wait()
+        waits = k.breakpoints.add("lock_contended:slab_mutex", thread="activate")
+        a = k.kthread_run(lambda: mc.memcg_activate_kmem(mc.create("big")), name="activate")
+        waits.wait()  # the activation found slab_mutex held by the creator
+        waits.release()
+        assert mc.nr_cache_ids == 4 and a.is_alive()
+        bp.release()
+        a.join(5)
+        settle(k)
+        assert mc.nr_cache_ids == 10
+        if not k.config.bug("memcg_create_without_slab_mutex_recheck"):
+            assert child_of(k, s, m) is not None  # published under slab_mutex
+            assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
 # ---------------------------------------------------------------------------------- bug 9
 def lookup_then_offline(k: Kernel):
     """T got child C (empty) from the lookup and parks; T is moved out, M goes offline, the
