@@ -1,6 +1,7 @@
 """Catalog bug 7, relocation by relocation (v3.13): prints figures, asserts nothing.
 
-    python benchmarks/trace_relocations.py [--seeds 6] [--duration 20] [--flags "..."]
+    python benchmarks/trace_relocations.py [--seeds 6] [--first 100] [--duration 20]
+                                           [--flags=--no-run-queue]
 
 Whether a seed finds bug 7 (``memcg_create_without_slab_mutex_recheck``) within 60 s is a coin
 of about 0.7: batches of 10 or 20 seeds of the same code differ by several seeds, so a change
@@ -98,7 +99,7 @@ def run_seed(seed: int, duration: float, flags: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "trace.json")
         r = subprocess.run([sys.executable, __file__, "--one", str(seed), "--out", out,
-                            "--duration", str(duration), "--flags", " ".join(flags)],
+                            "--duration", str(duration), f"--flags={' '.join(flags)}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=duration + 120)
         if r.returncode not in (0, 1, 3):
             raise RuntimeError(f"seed {seed} exited {r.returncode}: {r.stderr[-400:]}")
@@ -116,7 +117,7 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=100, help="the first seed (default 100)")
     ap.add_argument("--duration", type=float, default=20.0,
                     help="seconds per run (default 20: the relocations are over by then)")
-    ap.add_argument("--flags", default="", help="more stress flags, e.g. '--no-run-queue'")
+    ap.add_argument("--flags", default="", help="more stress flags, e.g. --flags=--no-run-queue")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child: one traced run
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
