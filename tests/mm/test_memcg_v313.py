@@ -149,15 +149,22 @@ def test_bug7_fixed_recheck_under_slab_mutex_keeps_one_child():
 BUG7_ALONE = v313(without=V313_BUGS, with_=("memcg_create_without_slab_mutex_recheck",))
 
 
-def creator_parked_at_publish(k: Kernel):
-    """Root s with a relocation ahead; a miss in memcg m queued W1, which created X and parks
-    holding the loaded memcg_caches array (``old``) before its store. Returns (s, m, bp, old)."""
+def creator_parked_at(k: Kernel, window: str):
+    """Root s with a relocation ahead; a miss in memcg m queued a creation W1, which parks at
+    ``window``. Returns (s, m, bp)."""
     sl, mc = k.slab, k.memcg
     s, m = relocation_ahead(k)
     mc.attach(k.current(), m)
-    bp = k.breakpoints.add("window:memcg_create_kmem_cache:publish")
+    bp = k.breakpoints.add(f"window:{window}")
     sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # a miss: W1 queued
     bp.wait()
+    return s, m, bp
+
+
+def creator_parked_at_publish(k: Kernel):
+    """W1 created X and parks holding the loaded memcg_caches array (``old``) before its
+    store. Returns (s, m, bp, old)."""
+    s, m, bp = creator_parked_at(k, "memcg_create_kmem_cache:publish")
     return s, m, bp, s.memcg_params.memcg_caches.access()
 
 
@@ -216,12 +223,8 @@ def test_an_activation_waits_for_slab_mutex_while_a_child_is_created(config):
     the creation, and relocates once the creator drops slab_mutex (just before the creator's
     publish, with bug 7 under memcg_cache_mutex only)."""
     with Kernel(config=config) as k:
-        sl, mc = k.slab, k.memcg
-        s, m = relocation_ahead(k)
-        mc.attach(k.current(), m)
-        bp = k.breakpoints.add("window:kmem_cache_create_memcg:sysfs_slab_add")
-        sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))  # a miss: the creation is queued
-        bp.wait()
+        mc = k.memcg
+        s, m, bp = creator_parked_at(k, "kmem_cache_create_memcg:sysfs_slab_add")
         waits = k.breakpoints.add("lock_contended:slab_mutex", thread="activate")
         a = k.kthread_run(lambda: mc.memcg_activate_kmem(mc.create("big")), name="activate")
         waits.wait()  # the activation found slab_mutex held by the creator
