@@ -103,14 +103,19 @@ CATALOG: tuple[Bug, ...] = (
         "publishes it empty before copying: a creator that read the empty new array creates "
         "a second child and overwrites the first (leaked, still on slab_caches), or "
         "publishes into the old array after the copy (lost; once the old array's grace period "
-        "is over, a store into freed memory: the creator is in no RCU read section).",
+        "is over, a store into freed memory: the creator is in no RCU read section). The destroy "
+        "half: memcg_release_cache() clears the slot after slab_mutex was dropped, so a "
+        "relocation may copy the freed child into the new array.",
         (F.ASSERTION, F.MEMLEAK, F.KASAN_UAF),
         "W2: memcg_cache_mutex, reads slot; A: activation relocates (new array published "
         "empty), W2 reads NULL; A copies X; W2 creates Y and publishes over X: the "
         "VM_BUG_ON(slot already set) the fix added, or X leaked. Or W1 loads the array to "
         "publish X (window memcg_create_kmem_cache:publish), A copies it, W1 stores into the "
         "old one: X is lost, and its destroy clears a slot that is not its own (the fix's "
-        "VM_BUG_ON(slot != cachep)); or the old array was freed already: KASAN in _publish.",
+        "VM_BUG_ON(slot != cachep)); or the old array was freed already: KASAN in _publish. "
+        "Or D, destroying X, loads the array to clear X's slot (window "
+        "memcg_release_cache:clear), A copies X, D clears the old one: a lookup returns the "
+        "freed X (KASAN).",
         "memcg_create_kmem_cache:checked", requires_memcg=("v3.13",)),
     Bug(8, "destroy_work_scheduled_twice", "3.8-3.15",
         "Davydov, linux-mm 26 Feb 2014; gone with 1e32e77f95d6 (3.16)", ("v3.13",),

@@ -57,7 +57,9 @@ Where the model differs (fixed forms of bugs that were fixed only by a later red
   their slots until they are destroyed.
 * Bug 7's outcomes are reported by model checks that always run: the fix's VM_BUG_ONs (slot
   already set at publish, slot not ours at clear) as ASSERTION findings, and
-  :meth:`leaked_children` (children on slab_caches but in no slot) as MEMLEAK at root destroy.
+  :meth:`leaked_children` (children on slab_caches but in no slot) as MEMLEAK at root destroy;
+  its destroy half (a relocation copies a slot between the unlocked clear's load and store)
+  leaves a freed child published, which KASAN reports at the next lookup.
 * A queued creation holds no reference on its root, so a root destroyed meanwhile is read by
   the work: bug 11's creation half, real in this era. The catalog declares bug 11 for the v4
   designs only; this design honours its switch (``root_destroy_without_flush``) and otherwise
@@ -514,6 +516,10 @@ class MemcgSlabV313(MemcgSlab):
             root = p.root_cache
             arr = root.memcg_params.memcg_caches.access()
             self._slot_is_ours(arr, memcg.kmemcg_id, c)
+            # root->memcg_params->memcg_caches[id] = NULL: a load of the array, then a store
+            # into it, under no lock a relocation takes. One that copies the loaded array in
+            # between keeps c, destroyed, in the new array: the lookups find it there
+            self._k.window("memcg_release_cache:clear")
             arr.entries[memcg.kmemcg_id] = None  # 3.13 clears it all the same
         with self.state(memcg).slab_caches_mutex:
             _remove(memcg.kmem_caches, c)

@@ -217,6 +217,57 @@ def test_bug7_creator_stores_into_the_array_the_relocation_freed():
 
 
 @pytest.mark.parametrize("config", [FIXED, BUG7_ALONE], ids=["fixed", "bug7"])
+def test_bug7_destroyed_child_stays_in_the_relocated_array(config):
+    """The destruction half of 2edefe1155b3: 3.13 clears a destroyed child's slot
+    (memcg_release_cache()) under no lock a relocation takes. The destroy work of m's child
+    X loads the array and parks before its store; an activation relocates, copying X into
+    the new array; the store clears the old one. X, freed, stays published: the next memcg
+    given m's kmemcg_id allocates from the root, and the lookup reads X (KASAN). The fix
+    clears the slot under slab_mutex, before the relocation can copy it."""
+    with Kernel(config=config) as k:
+        sl, mc = k.slab, k.memcg
+        s, m = relocation_ahead(k)
+        kid = m.kmemcg_id
+        mc.attach(k.current(), m)
+        x = make_child(k, s, m)
+        sl.kmem_cache_shrink(x)
+        mc.attach(k.current(), mc.root)
+        bug7 = k.config.bug("memcg_create_without_slab_mutex_recheck")
+        bp = k.breakpoints.add("window:memcg_release_cache:clear")
+        assert mc.css_tryget_online(m)  # m keeps its kmemcg_id until we let it go
+        assert mc.offline(m) == 0  # X is empty: its destroy work destroys it
+        if bug7:
+            bp.wait()  # the destroy work holds the array X is published in
+        else:
+            assert wait_until(lambda: Kasan.is_freed(x))
+        old = s.memcg_params.memcg_caches.access()
+        out, _reader = hold_grace_period(k)  # the old array outlives the store
+        mc.memcg_activate_kmem(mc.create("big"))  # relocates: slot kid copied
+        assert mc.nr_cache_ids == 10
+        bp.release()
+        assert wait_until(lambda: old.entries[kid] is None, 5)
+        out.set()
+        settle(k)
+        mc.css_put(m)
+        settle(k)
+        assert Kasan.is_freed(x) and Kasan.is_freed(m)
+        assert (k.memcg.cache_from_memcg_idx(s, kid) is x) == bug7
+        m2 = in_memcg(k)
+        assert m2.kmemcg_id == kid
+        try:
+            sl.kmem_cache_free(s, sl.kmem_cache_alloc(s))
+        except KasanOops:
+            pass
+        settle(k)
+        if bug7:
+            (f,) = k.findings
+            assert f.title == "BUG: KASAN: use-after-free in memcg_kmem_get_cache", f.title
+            assert f.kind in BY_NAME["memcg_create_without_slab_mutex_recheck"].detector
+        else:
+            assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+@pytest.mark.parametrize("config", [FIXED, BUG7_ALONE], ids=["fixed", "bug7"])
 def test_an_activation_waits_for_slab_mutex_while_a_child_is_created(config):
     """kmem_cache_create_memcg() holds slab_mutex across __kmem_cache_create(), where
     sysfs_slab_add() may sleep: an activation that must relocate the arrays waits there for
