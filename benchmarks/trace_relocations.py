@@ -3,15 +3,18 @@
     python benchmarks/trace_relocations.py [--seeds 6] [--first 100] [--duration 20]
                                            [--flags=--no-run-queue]
 
-Whether a seed finds bug 7 (``memcg_create_without_slab_mutex_recheck``) within 60 s is a coin
-of about 0.7: batches of 10 or 20 seeds of the same code differ by several seeds, so a change
-to the drivers or to the perturbation is hard to judge by seeds found. This counts what the
-coin is made of. Each run relocates the root caches' memcg_caches arrays about six times,
-all in its first seconds (they only grow); a relocation is one chance, won when a creation
-publishes its child into an array the relocation already copied (*stale*: the child is lost)
-or over a child the relocation copied into the slot the creation had read empty (*over*).
-The share of relocations won counts six trials per seed instead of one, but it spreads too:
-0.16 and 0.26 in two batches of 12 seeds of the same code (session 12, BENCHMARKS.md).
+Whether a seed found bug 7 (``memcg_create_without_slab_mutex_recheck``) within 60 s was a
+coin of about 0.75 until session 13: batches of 10 or 20 seeds of the same code differ by
+several seeds, so a change to the drivers or to the perturbation is hard to judge by seeds
+found. This counts what the coin is made of. Each run relocates the root caches'
+memcg_caches arrays about six times, all in its first seconds (they only grow), and more with
+``--failslab`` (on by default since session 13: a failed relocation is walked again by the
+next activation); a walk, failed or not, is one chance, won when a creation publishes its
+child into an array the walk already copied (*stale*: the child is lost) or over a child the
+walk copied into the slot the creation had read empty (*over*). The share of walks won counts
+several trials per seed instead of one, but it spreads too: 0.16 and 0.26 in two batches of
+12 seeds of the same code (session 12, BENCHMARKS.md). The destroy half of the race (a slot
+clear the walk undoes) is not counted here.
 
 Also shown: how many creation works waited on memcg_cache_mutex when the relocation took
 slab_mutex. The first fresh creation to check its slot in the walk blocks that mutex on
@@ -55,17 +58,17 @@ def trace_one(seed: int, duration: float, flags: list[str], out: str) -> int:
     update_one = MemcgSlabV313.memcg_update_cache_size
     publish = MemcgSlabV313._publish
 
-    def memcg_update_all_caches(self: MemcgSlabV313, num: int) -> None:
+    def memcg_update_all_caches(self: MemcgSlabV313, num: int) -> int:
         with lock:
             relocs.append({"t": time.monotonic() - t0, "num": num, "waiters": None})
-        update_all(self, num)
+        return update_all(self, num)
 
-    def memcg_update_cache_size(self: MemcgSlabV313, s: Any, num: int) -> None:
+    def memcg_update_cache_size(self: MemcgSlabV313, s: Any, num: int) -> int:
         with lock:
             r = relocs[-1]
             if r["waiters"] is None:  # the walk's first root: slab_mutex is ours
                 r["waiters"] = len(self.memcg_cache_mutex._waiters)
-        update_one(self, s, num)
+        return update_one(self, s, num)
 
     def _publish(self: MemcgSlabV313, root: Any, arr: Any, idx: int, c: Any) -> None:
         t = time.monotonic() - t0

@@ -22,6 +22,7 @@ from loguru import logger
 from kmemcg.catalog import BY_NAME
 from kmemcg.config import HOTPLUG_2012, Config
 from kmemcg.core import findings as F
+from kmemcg.core.failslab import FailSlab
 from kmemcg.core.findings import FindingLog
 from kmemcg.core.instrument import Breakpoints, Dispatcher, Instrument
 from kmemcg.core.kasan import Kasan
@@ -114,6 +115,7 @@ class Kernel:
         self.add_exit_check(self.rcu.exit_check)
         # mm: KASAN, the page allocator and the slab allocator (k.slab)
         self.kasan = Kasan(self, enabled=kasan)
+        self.failslab = FailSlab()  # CONFIG_FAILSLAB, off until a driver sets it
         self.page_alloc = PageAllocator(self)
         self.memcg: MemcgSubsys | None = None  # root caches made before it get no params
         self.memcg_slab: MemcgSlab | None = None
@@ -223,6 +225,14 @@ class Kernel:
                              thread=task.name, extra={"rcu": "sleep", "lock": name})
 
     # ------------------------------------------------------------------ instrumentation
+    def should_failslab(self, site: str) -> bool:
+        """should_failslab(): whether the allocation at ``site`` (one with a failure path in
+        the model) fails now. An injected failure is reported as event ``failslab``."""
+        if not self.failslab.should_fail(self.current(), site):
+            return False
+        self.event("failslab", site)
+        return True
+
     def event(self, point: str, obj: Any = None) -> None:
         """The instrumentation point: every primitive operation reports here."""
         d = self._dispatch

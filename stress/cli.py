@@ -19,6 +19,7 @@ from kmemcg import Kernel
 from kmemcg.catalog import listing as bug_listing
 from kmemcg.config import PRESETS, Config, ConfigError
 from kmemcg.core import findings as F
+from kmemcg.core.failslab import FailSlab
 from kmemcg.core.instrument import Perturb
 from kmemcg.core.sched import RunQueue
 from stress import reporting
@@ -42,6 +43,10 @@ PERTURB: dict[str, dict[str, float]] = {
     "heavy": {"prob": 0.5, "longest": 0.004, "tail": 0.03, "focus": 0.4, "focus_longest": 0.05,
               "rare": 0.0005, "unlocked_tail": 0.2},
 }
+
+# CONFIG_FAILSLAB's probability under stress. The one site that asks today is v3.13's
+# relocation (kmemcg.core.failslab): each failure makes the next activation relocate again.
+FAILSLAB = 0.25
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="role weights, overriding the workload's (e.g. allocator=3,hotplug=1)")
     p.add_argument("--perturb", choices=sorted(PERTURB), default="light",
                    help="delays at named race windows (default light)")
+    p.add_argument("--failslab", type=float, default=FAILSLAB, metavar="P",
+                   help="fail that share of the allocations the model gives a failure path "
+                        f"(CONFIG_FAILSLAB; default {FAILSLAB:g}; 0: off)")
     p.add_argument("--swarm", type=float, default=0.0, metavar="Q",
                    help="share of roles idle in each 1 s phase (swarm testing; default 0: all run)")
     p.add_argument("--hung-timeout", type=float, default=10.0,
@@ -96,6 +104,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
     if not args.duration > 0:
         raise UsageError(f"--duration must be a positive number of seconds, got {args.duration}")
+    if not 0 <= args.failslab <= 1:
+        raise UsageError(f"--failslab must be between 0 and 1, got {args.failslab}")
     if not 0 <= args.swarm < 1:
         raise UsageError(f"--swarm must be at least 0 and below 1, got {args.swarm}")
     if args.hung_timeout <= 0:
@@ -165,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
                    hung_task_timeout=args.hung_timeout)
         if args.run_queue:
             k.rq = RunQueue(args.cpus)
+        k.failslab = FailSlab(seed, args.failslab)
         perturb = Perturb(seed, **PERTURB[args.perturb]) if PERTURB[args.perturb] else None
         if perturb is not None:
             k.add_instrument(perturb)
@@ -244,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
     s["leak_check"] = leak_check
     if k.rq is not None:
         s["run_queue"] = k.rq.stats()
+    s["failslab"] = {"probability": k.failslab.probability,
+                     "injected": dict(k.failslab.injected)}
     if stuck:
         s["stuck_threads"] = stuck
     if args.report:

@@ -109,6 +109,11 @@ def human_summary(s: dict[str, Any]) -> str:
                    f"{rq['waits']} after a wait ({rq['wait_s']:.1f} s in all), "
                    f"{rq['preempts']} woken lock holders ran over the CPUs, "
                    f"{rq['overruns']} ran without one after the timeout\n")
+    fsl = s.get("failslab")
+    if fsl is not None and fsl["probability"]:
+        sites = ", ".join(f"{n} at {site}" for site, n in sorted(fsl["injected"].items()))
+        out.append(f"\nfailslab: probability {fsl['probability']:g}, "
+                   f"{sites or 'no failure'} injected\n")
     lc = s.get("leak_check")
     if lc is not None:
         out.append(f"\nleak check: {lc['leaks']} leak(s) in {lc['seconds']:.2f} s\n"

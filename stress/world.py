@@ -513,6 +513,16 @@ HOT_MEMCGS = 3  # burst memcgs allocators crowd into before a relocation
 HOT_LEAD = 0.02  # seconds they do so before the relocation (and after it)
 
 
+def activate(mc: Any, m: Any, ops: Counter) -> bool:
+    """Turn kmem accounting on for ``m`` (a write of memory.kmem.limit_in_bytes). It fails
+    when growing the memcg_caches arrays failed (failslab): ``m`` then stays a memcg without
+    kmem accounting, whose tasks allocate from the root caches."""
+    if mc.memcg_activate_kmem(m) >= 0:
+        return True
+    ops["kmem_activate_failed"] += 1
+    return False
+
+
 def evict(w: World, m: Any) -> None:
     """Write every driver still in ``m`` into the root's cgroup.procs. A driver may be between
     memcg_kmem_get_cache() and its allocation right now: seed 002's window (catalog bug 9)."""
@@ -560,10 +570,10 @@ def burst(w: World, ops: Counter) -> None:
                     w.hot = [m for m in recent[-HOT_MEMCGS:] if m in w.memcgs]
                 w.nap(HOT_LEAD)
             m = mc.create(f"burst{ops['memcg_create']}")
-            mc.memcg_activate_kmem(m)
+            if activate(mc, m, ops):
+                recent.append(m)
             with w.lock:
                 w.memcgs.append(m)
-            recent.append(m)
             ops["memcg_create"] += 1
         if w.hot:
             w.nap(HOT_LEAD)  # the creations run on while the new arrays fill
@@ -623,7 +633,7 @@ def op_cgroup_churn(w: World, rng: random.Random, ops: Counter) -> None:
         if w.pace_memcg():
             return
         m = mc.create(f"cg{rng.randrange(10**6)}")
-        mc.memcg_activate_kmem(m)
+        activate(mc, m, ops)
         with w.lock:
             w.memcgs.append(m)
         ops["memcg_create"] += 1

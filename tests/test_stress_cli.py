@@ -36,6 +36,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["--swarm", "1"], "--swarm must be at least 0 and below 1, got 1.0"),
     (["--memcg", "v9"], "--memcg: unknown memcg design 'v9'"),
     (["--hotplug", "x"], "--hotplug: unknown hotplug design 'x'"),
+    (["--failslab", "1.5"], "--failslab must be between 0 and 1, got 1.5"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(args, needle):
     r = run_cli(*args)
@@ -79,6 +80,19 @@ def test_run_queue_keeps_drivers_to_the_cpus_and_the_fixed_kernel_clean(capsys):
     rq = out["run_queue"]
     assert rq["nr_cpus"] == 2 and rq["waits"] > 0  # 32 drivers queued for 2 CPUs
     assert "run queue: 2 CPUs" in human_summary(out)
+
+
+def test_v313_with_its_fixes_stays_clean_while_relocations_fail(capsys):
+    """failslab fails some of v3.13's relocations: those activations fail, and the next ones
+    relocate again; with every fix on, no finding."""
+    code = main(["--memcg", "v3.13", "--threads", "32", "--duration", "3", "--json", "--quiet",
+                 "--seed", "11", "--failslab", "0.5"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["findings"] == [], [f["title"] for f in out["findings"]]
+    assert code == 0
+    assert out["failslab"]["injected"]["memcg_update_cache_size"] > 0
+    assert out["ops"]["kmem_activate_failed"] > 0
+    assert "failslab: probability 0.5, " in human_summary(out)
 
 
 def test_no_run_queue_lets_every_driver_run_at_once(capsys):

@@ -113,9 +113,11 @@ class MemcgSlab:
         s.alias_count += 1
         return True
 
-    def memcg_update_all_caches(self, num: int) -> None:
-        """kmem activation grew the ids (caller holds activate_kmem_mutex)."""
+    def memcg_update_all_caches(self, num: int) -> int:
+        """kmem activation grew the ids (caller holds activate_kmem_mutex). 0, or a negative
+        errno (only designs that model the allocation's failure return one)."""
         self._k.memcg.memcg_update_all_caches(num)
+        return 0
 
     def memcg_online_kmem(self, m: MemCgroup) -> None:
         """kmem activation of ``m`` (activate_kmem_mutex held), before it is marked

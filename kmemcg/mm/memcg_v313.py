@@ -21,7 +21,9 @@ Locks: memcg_cache_mutex -> cpus -> slab_mutex -> memcg::slab_caches_mutex (one 
 for every memcg's mutex, as the kernel's single mutex_init site); activate_kmem_mutex ->
 slab_mutex (relocation, memcg_update_all_caches), activate_kmem_mutex -> memcg_cache_mutex
 (root destroy, fixed form of bug 14). Relocation (``memcg_update_cache_size``) publishes the
-new array *empty*, then copies the old slots, then frees the old array.
+new array *empty*, then copies the old slots, then frees the old array. Its kzalloc() may
+fail (``k.should_failslab``): the walk stops, the activation fails with -ENOMEM, and the next
+one relocates every cache again, as 3.13 compares with the global size.
 
 Bug switches, each where its fix changed the code: ``memcg_create_without_slab_mutex_recheck``
 (7; fix 2edefe1155b3: check + publish / clear under slab_mutex), ``memcg_params_freed_without_rcu``
@@ -69,6 +71,7 @@ Where the model differs (fixed forms of bugs that were fixed only by a later red
 
 from __future__ import annotations
 
+from errno import ENOMEM
 from typing import TYPE_CHECKING, Any
 
 from kmemcg.core import findings as F
@@ -196,8 +199,11 @@ class MemcgSlabV313(MemcgSlab):
         queue_work(self._k.system_wq, p.destroy)
 
     # ------------------------------------------------------------------ relocation
-    def memcg_update_all_caches(self, num: int) -> None:
-        """memcg_update_all_caches(): caller holds activate_kmem_mutex (set_limit_mutex)."""
+    def memcg_update_all_caches(self, num: int) -> int:
+        """memcg_update_all_caches(): caller holds activate_kmem_mutex (set_limit_mutex).
+        0, or -ENOMEM when a relocation's allocation failed: the caches relocated before it
+        keep their bigger arrays, and memcg_limited_groups_array_size stays, so the next
+        activation relocates every cache again."""
         k = self._k
         sl = k.slab
         # mutex_lock() may sleep: lock-free readers go on with the arrays about to go
@@ -206,16 +212,23 @@ class MemcgSlabV313(MemcgSlab):
             for s in sl.slab_caches:
                 p = s.memcg_params
                 if p is not None and p.is_root_cache:
-                    self.memcg_update_cache_size(s, num)
+                    err = self.memcg_update_cache_size(s, num)
+                    if err:
+                        return err
             k.memcg.nr_cache_ids = num
+        return 0
 
-    def memcg_update_cache_size(self, s: KmemCache, num: int) -> None:
-        """Caller holds slab_mutex. The new array is published empty, then filled."""
+    def memcg_update_cache_size(self, s: KmemCache, num: int) -> int:
+        """Caller holds slab_mutex. The new array is published empty, then filled. Compares
+        with the global size, as 3.13 does, not with this cache's array: after a failed
+        activation the caches it relocated are relocated again."""
         k = self._k
         ptr = s.memcg_params.memcg_caches
         old = ptr.protected(k.slab.slab_mutex)
-        if num <= len(old.entries):
-            return
+        if num <= k.memcg.nr_cache_ids:
+            return 0
+        if k.should_failslab("memcg_update_cache_size"):  # kzalloc(size, GFP_KERNEL)
+            return -ENOMEM
         new = MemcgCacheArray(num)
         k.kasan.alloc(new, "memcg_cache_array", f"the memcg_params of {s.name}")
         ptr.assign(new)  # s->memcg_params = new_params, before the copy
@@ -228,6 +241,7 @@ class MemcgSlabV313(MemcgSlab):
             k.kasan.free(old)  # kfree(cur_params) with lock-free readers inside
         else:
             k.rcu.call(k.kasan.free, old)  # kfree_rcu (f8570263ee16)
+        return 0
 
     # ------------------------------------------------------------------ lookup
     def memcg_kmem_get_cache(self, s: KmemCache) -> KmemCache:

@@ -156,11 +156,12 @@ class MemcgSlabV316(MemcgSlab):
             k.window("memcg_uncharge_slab:after_put")
             s.nr_partial  # noqa: B018  stat(s, FREE_SLAB) after the drop that allowed the free
 
-    def memcg_update_all_caches(self, num: int) -> None:
+    def memcg_update_all_caches(self, num: int) -> int:
         """__memcg_activate_kmem(): grow the arrays under memcg_slab_mutex (caller holds
         activate_kmem_mutex), so a creator's publish never races a relocation."""
         with self.memcg_slab_mutex:
             self._k.memcg.memcg_update_all_caches(num)
+        return 0
 
     # ------------------------------------------------------------------ lookup
     def memcg_kmem_get_cache(self, s: KmemCache) -> KmemCache:

@@ -260,7 +260,9 @@ class MemcgSubsys:
     # ------------------------------------------------------------------ kmem activation
     def memcg_activate_kmem(self, m: MemCgroup) -> int:
         """Give ``m`` a kmemcg_id (the smallest free one), growing every root cache's
-        memcg_caches array first when the id does not fit. Returns the id."""
+        memcg_caches array first when the id does not fit. Returns the id, or a negative
+        errno when growing failed (``m`` stays unaccounted, as after a failed write of
+        memory.kmem.limit_in_bytes; only a design that models the failure returns one)."""
         with self.activate_kmem_mutex:
             if m.kmem_state == KMEM_ONLINE:
                 return m.kmemcg_id
@@ -275,10 +277,14 @@ class MemcgSubsys:
             if kid >= self.nr_cache_ids:
                 num = min(max(2 * (kid + 1), MEMCG_CACHES_MIN_SIZE), MEMCG_CACHES_MAX_SIZE)
                 ms = self._k.memcg_slab
+                err = 0
                 if ms is not None:
-                    ms.memcg_update_all_caches(num)  # the era's locking around it
+                    err = ms.memcg_update_all_caches(num)  # the era's locking around it
                 else:
                     self.memcg_update_all_caches(num)
+                if err:
+                    self._ids.discard(kid)  # ida_simple_remove()
+                    return err
             m.kmemcg_id = kid
             if self._k.memcg_slab is not None:
                 self._k.memcg_slab.memcg_online_kmem(m)  # 5.9: the memcg's obj_cgroup

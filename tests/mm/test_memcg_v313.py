@@ -3,6 +3,7 @@ breakpoints, each against its fixed form."""
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ from kmemcg import Kernel
 from kmemcg.catalog import BY_NAME
 from kmemcg.config import PRESETS, Config
 from kmemcg.core import findings as F
+from kmemcg.core.failslab import FailSlab
 from kmemcg.core.kasan import Kasan, KasanOops
 from kmemcg.mm.memcg_v313 import MemcgSlabV313
 from kmemcg.mm.slub import SLAB_ACCOUNT
@@ -288,6 +290,51 @@ def test_an_activation_waits_for_slab_mutex_while_a_child_is_created(config):
         if not k.config.bug("memcg_create_without_slab_mutex_recheck"):
             assert child_of(k, s, m) is not None  # published under slab_mutex
             assert not k.findings.snapshot(), [f.title for f in k.findings]
+
+
+class FailNth(FailSlab):
+    """Fails the ``n``-th allocation that asks (1-based), and no other."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(probability=1.0)
+        self.n = n
+
+    def should_fail(self, task, site: str) -> bool:
+        self.n -= 1
+        return self.n == 0
+
+
+@pytest.mark.parametrize("config", [FIXED, BUG7_ALONE], ids=["fixed", "bug7"])
+def test_a_failed_relocation_leaves_the_size_and_the_next_activation_relocates_again(config):
+    """3.13's memcg_update_all_caches() stops at the first cache whose kzalloc() fails: the
+    caches before it keep their new arrays, memcg_limited_groups_array_size stays, and the
+    activation fails (its id is given back). The next activation relocates every cache,
+    those already relocated too, and keeps every child."""
+    with Kernel(config=config) as k:
+        sl, mc = k.slab, k.memcg
+        s, m = relocation_ahead(k)
+        t = sl.kmem_cache_create("inode", 128, flags=SLAB_ACCOUNT)
+        mc.attach(k.current(), m)
+        x = make_child(k, s, m)
+        first, second = (r for r in sl.slab_caches if r in (s, t))
+        arrays = {r: r.memcg_params.memcg_caches.access() for r in (s, t)}
+        k.failslab = FailNth(2)  # the second root's array
+        big = mc.create("big")
+        assert mc.memcg_activate_kmem(big) == -errno.ENOMEM
+        assert big.kmemcg_id < 0 and 4 not in mc._ids and mc.nr_cache_ids == 4
+        grown = first.memcg_params.memcg_caches.access()
+        assert grown is not arrays[first] and len(grown.entries) == 10
+        assert second.memcg_params.memcg_caches.access() is arrays[second]
+        k.failslab = FailSlab()
+        assert mc.memcg_activate_kmem(big) == 4 and mc.nr_cache_ids == 10
+        assert first.memcg_params.memcg_caches.access() is not grown  # relocated again
+        assert len(second.memcg_params.memcg_caches.access().entries) == 10
+        assert child_of(k, s, m) is x
+        mc.attach(k.current(), mc.root)
+        sl.kmem_cache_destroy(t)
+        sl.kmem_cache_destroy(s)
+        settle(k)
+        assert not k.findings.snapshot(), [f.title for f in k.findings]
 
 
 # ---------------------------------------------------------------------------------- bug 9
