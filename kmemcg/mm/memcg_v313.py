@@ -209,6 +209,10 @@ class MemcgSlabV313(MemcgSlab):
         # mutex_lock() may sleep: lock-free readers go on with the arrays about to go
         self._k.window("memcg_update_all_caches:begin")
         with sl.slab_mutex:
+            # Oldest root first. 3.13 list_add()s a new cache at the head of slab_caches, so
+            # its walk meets the newest first; in the model that hides bug 7 (the creations
+            # it races are for the long-lived roots): 2/75 relocations won against 20/73
+            # (session 13, BENCHMARKS.md). Either order lets the race happen; this one, more.
             for s in sl.slab_caches:
                 p = s.memcg_params
                 if p is not None and p.is_root_cache:
