@@ -3,6 +3,8 @@ per-task choice, and an event at the instrumentation point for every injected fa
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from kmemcg import Kernel
@@ -29,13 +31,15 @@ def test_probability_one_always_fails_and_counts_per_site():
 
 
 def test_a_seed_fixes_each_tasks_choices():
-    def draws(seed: int) -> list[bool]:
-        with Kernel() as k:
-            k.failslab = FailSlab(seed=seed, probability=0.3)
-            return [k.should_failslab("s") for _ in range(200)]
+    """Per (seed, pid): a kernel's tasks get their pids in the order they first run, which
+    threads decide, so the task here is a stand-in with a fixed pid."""
+    def draws(seed: int, pid: int = 3) -> list[bool]:
+        fs = FailSlab(seed=seed, probability=0.3)
+        task = SimpleNamespace(pid=pid, extra={})
+        return [fs.should_fail(task, "s") for _ in range(200)]
 
     a = draws(5)
-    assert a == draws(5) and a != draws(6)
+    assert a == draws(5) and a != draws(6) and a != draws(5, pid=4)
     assert 30 < sum(a) < 90  # about 60 of 200
 
 
