@@ -13,10 +13,11 @@ is drawn from a per-task stream derived from ``seed`` (as ``Perturb``'s), so a s
 
 from __future__ import annotations
 
-import random
 import threading
 from collections import Counter
 from typing import TYPE_CHECKING
+
+from kmemcg.core.task import task_rng
 
 if TYPE_CHECKING:
     from kmemcg.core.task import Task
@@ -36,10 +37,7 @@ class FailSlab:
     def should_fail(self, task: Task, site: str) -> bool:
         if not self.probability:
             return False
-        rng = task.extra.get("failslab_rng")
-        if rng is None:
-            rng = task.extra["failslab_rng"] = random.Random(self.seed * 6151 + task.pid)
-        if rng.random() >= self.probability:
+        if task_rng(task, "failslab_rng", self.seed * 6151).random() >= self.probability:
             return False
         with self._lock:
             self.injected[site] += 1

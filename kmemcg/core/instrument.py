@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from kmemcg.core.task import task_rng
+
 if TYPE_CHECKING:
     from kmemcg.core.task import Task
 
@@ -348,10 +350,7 @@ class Perturb(Instrument):
         task.kernel.schedule_timeout(task, want)
 
     def _rng(self, task: Task) -> random.Random:
-        rng = task.extra.get("perturb_rng")
-        if rng is None:
-            rng = task.extra["perturb_rng"] = random.Random(self.seed * 7919 + task.pid)
-        return rng
+        return task_rng(task, "perturb_rng", self.seed * 7919)
 
     def _draw(self, task: Task, prob: float, longest: float) -> float:
         """With probability ``prob`` a sleep of up to ``longest`` seconds, else 0."""

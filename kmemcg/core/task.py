@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import random
 import sys
 import threading
 import traceback
@@ -35,6 +36,16 @@ _PLUMBING = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.__fi
 
 # The garbage collector is per interpreter: toggling it is serialized by a process-wide lock.
 _gc_toggle = threading.Lock()
+
+
+def task_rng(task: Task, key: str, seed: int) -> random.Random:
+    """``task``'s own random stream for one user (``key`` in ``task.extra``), fixed by
+    ``seed`` and the pid: a seed then fixes each task's choices, whichever thread draws
+    first. Only the task's own thread calls it (``extra`` is its own)."""
+    rng = task.extra.get(key)
+    if rng is None:
+        rng = task.extra[key] = random.Random(seed + task.pid)
+    return rng
 
 
 def current_frames() -> dict[int, Any]:
